@@ -27,10 +27,11 @@ def run_episode(env: TextEnv, ranker, task: object, max_steps: int) -> dict:
         if state.done or not state.admissible:
             break
         scores = ranker.score(state.goal, state.observation, state.admissible).tolist()
-        best = max(range(len(scores)), key=lambda i: scores[i])
-        action = state.admissible[best]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        action = state.admissible[order[0]]
+        # the runners-up show how close a wrong choice was: failures can be read, not just counted
         log.append({"observation": state.observation, "n_candidates": len(state.admissible), "action": action,
-                    "score": scores[best]})
+                    "score": scores[order[0]], "top": [[state.admissible[i], scores[i]] for i in order[:3]]})
         state = env.step(action)
     return {"task": str(task), "goal": state.goal, "task_type": state.task_type, "won": bool(state.won),
             "score": float(state.info.get("score", float(state.won))), "steps": len(log),
@@ -41,7 +42,21 @@ def _alfworld_tasks(args: argparse.Namespace) -> tuple[TextEnv, list]:
     from fastrank.envs.alfworld import AlfworldEnv, ensure_games, list_games
 
     games = list_games(ensure_games(args.games_dir), args.split)
-    return AlfworldEnv(), [g.game_file for g in games[: args.games]]
+    return AlfworldEnv(), [g.game_file for g in spread_over_types(games, args.games)]
+
+
+def spread_over_types(games: list, n: int) -> list:
+    """The first n games taken round-robin over task types: the sorted list runs type by type, so its
+    first 20 would all be one task type."""
+    by_type: dict[str, list] = {}
+    for g in games:
+        by_type.setdefault(g.task_type, []).append(g)
+    queues, out = [list(v) for _, v in sorted(by_type.items())], []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
 
 
 def _scienceworld_tasks(args: argparse.Namespace) -> tuple[TextEnv, list]:
@@ -55,7 +70,7 @@ def _scienceworld_tasks(args: argparse.Namespace) -> tuple[TextEnv, list]:
 def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", choices=["alfworld", "scienceworld"], required=True)
     p.add_argument("--checkpoint", required=True, help="a directory written by Reranker.save_pretrained")
-    p.add_argument("--games", type=int, default=20, help="ALFWorld: number of games (sorted, first N)")
+    p.add_argument("--games", type=int, default=20, help="ALFWorld: number of games (round-robin over task types)")
     p.add_argument("--tasks", type=int, default=10, help="ScienceWorld: number of (task, variation) pairs")
     p.add_argument("--split", default="valid_seen", help="ALFWorld split (valid_seen) / ScienceWorld ETO split")
     p.add_argument("--games-dir", default=None, help="ALFWorld games: unpacked dir or the json_2.1.1 tarball")
@@ -82,9 +97,22 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
             episodes.append(ep)
             f.write(json.dumps(ep) + "\n")
     env.close()
-    n = len(episodes)
-    summary = {"env": args.env, "episodes": n, "success_rate": sum(e["won"] for e in episodes) / max(1, n),
-               "mean_score": sum(e["score"] for e in episodes) / max(1, n),
-               "mean_steps": sum(e["steps"] for e in episodes) / max(1, n), "log": str(out)}
+    summary = {"env": args.env, "checkpoint": str(args.checkpoint), **summarize(episodes), "log": str(out)}
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def summarize(episodes: list[dict]) -> dict:
+    """Success, score and steps overall and per task type, and how often the agent repeated itself
+    (an action already taken in the episode: the looping the GCD paper counts)."""
+    def agg(eps: list[dict]) -> dict:
+        n = max(1, len(eps))
+        acts = [[s["action"] for s in e["trajectory"]] for e in eps]
+        repeats = sum(len(a) - len(set(a)) for a in acts)
+        return {"episodes": len(eps), "success_rate": sum(e["won"] for e in eps) / n,
+                "mean_score": sum(e["score"] for e in eps) / n, "mean_steps": sum(e["steps"] for e in eps) / n,
+                "repeated_action_rate": repeats / max(1, sum(len(a) for a in acts))}
+
+    types = sorted({str(e["task_type"]) for e in episodes})
+    return {**agg(episodes), "per_task_type": {t: agg([e for e in episodes if str(e["task_type"]) == t])
+                                               for t in types}}

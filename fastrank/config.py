@@ -54,6 +54,7 @@ class TrainConfig:
     lora_target_modules: list[str] | None = None  # None: peft's default (BERT query/value, DeBERTa query_proj/value_proj)
     lora_b_init_std: float = 1.0e-3  # 0: peft's B = 0 (the router then gets no gradient while LoRA is frozen)
     router_hidden: int = 128
+    router_lr: float | None = None  # None: lr. The paper names lr sensitivity as a suspect for routing collapse
     router_warmup_steps: int = 0  # LoRA frozen for the first N optimizer steps while router + heads train (paper: 250)
     grad_projection: str = "none"  # none | pcgrad | cagrad | sum | mean: per-env losses combined (fastrank.ops)
     cagrad_alpha: float = 0.5

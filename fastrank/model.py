@@ -386,17 +386,30 @@ class Reranker(nn.Module):
     @classmethod
     def from_pretrained(cls, save_dir: str | os.PathLike, *, device: str | torch.device | None = None,
                         attn_implementation: str | None = None) -> "Reranker":
-        """Restore a reranker written by `save_pretrained` (same weights, featurizer, max_length, heads)."""
+        """Restore a reranker written by `save_pretrained` (same weights, featurizer, max_length, heads).
+
+        A checkpoint written by a `fastrank.routing.RoutedReranker` comes back as one, so
+        ``Reranker.from_pretrained(path).rank(...)`` works whichever recipe trained ``path``.
+        """
         src = Path(save_dir)
+        if not (src / META_NAME).is_file():
+            raise FileNotFoundError(f"{src}: not a fastrank checkpoint (no {META_NAME}; "
+                                    f"an encoder from the hub goes through Reranker.from_encoder)")
         meta = json.loads((src / META_NAME).read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{src}: unsupported fastrank format {meta.get('format_version')}")
-        config = AutoConfig.from_pretrained(src)
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        model = cls.from_config(config, tokenizer, featurizer=Featurizer(**meta["featurizer"]),
-                                max_length=meta["max_length"], row_len=meta.get("row_len", 256),
-                                aux_heads=meta.get("aux_heads"), attn_implementation=attn_implementation,
-                                packed_attention=meta.get("packed_attention", "varlen"))
-        missing, unexpected = load_model(model, str(src / WEIGHTS_NAME), strict=True)
+        if "routing" in meta and cls is Reranker:
+            from fastrank.routing import RoutedReranker  # lazy: routing imports this module
+            cls = RoutedReranker
+        model = cls.from_config(AutoConfig.from_pretrained(src), AutoTokenizer.from_pretrained(src),
+                                attn_implementation=attn_implementation, **cls._init_kwargs(meta, src))
+        load_model(model, str(src / WEIGHTS_NAME), strict=True)
         model.eval()
         return model.to(device) if device is not None else model
+
+    @classmethod
+    def _init_kwargs(cls, meta: dict, src: Path) -> dict:
+        """`from_config` keyword arguments stored in a checkpoint's META_NAME (subclasses add their own)."""
+        return dict(featurizer=Featurizer(**meta["featurizer"]), max_length=meta["max_length"],
+                    row_len=meta.get("row_len", 256), aux_heads=meta.get("aux_heads"),
+                    packed_attention=meta.get("packed_attention", "varlen"))

@@ -107,11 +107,22 @@ def _mixed_precision(cfg: TrainConfig) -> str:
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay, no_decay, router = [], [], []
+    router_lr = getattr(cfg, "router_lr", None)
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if router_lr is not None and name.startswith("router."):
+            router.append(p)
+        else:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if router_lr is not None:
+        if not router:
+            raise ValueError("router_lr is set but the model has no router (set routing=true)")
+        groups += [{"params": [p for p in router if p.ndim >= 2], "weight_decay": cfg.weight_decay,
+                    "lr": float(router_lr)},
+                   {"params": [p for p in router if p.ndim < 2], "weight_decay": 0.0, "lr": float(router_lr)}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     if cfg.optimizer == "adamw8bit":

@@ -20,7 +20,7 @@ from fastrank.ops import pairwise_rank_loss, project_gradients
 from fastrank.packing import encode_sets
 from fastrank.routing import (
     ADAPTERS, GradientProjector, RoutedReranker, batch_totals, build_model, detect_divergence, env_task_losses,
-    load_reranker, pcgrad_fire_count, routed_lora_linear_class, split_by_env,
+    pcgrad_fire_count, routed_lora_linear_class, split_by_env,
 )
 from fastrank.train import train
 
@@ -348,6 +348,28 @@ def _cfg(tiny_encoder, small_data, out, *extra):
         "eval_modes=[]", "save_every=0", "upsample={}", *extra])
 
 
+def test_router_lr_gets_its_own_param_groups(tok):
+    from fastrank.config import TrainConfig
+    from fastrank.train import build_optimizer, linear_warmup
+
+    m = _model(tok)
+    opt = build_optimizer(TrainConfig(lr=1e-4, router_lr=3e-3, routing=True), m)
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in m.parameters() if p.requires_grad)  # each exactly once
+    router = {id(p) for p in m.router.parameters()}
+    for g in opt.param_groups:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= router or not ids & router  # no group mixes router and other parameters
+        assert g["lr"] == (3e-3 if ids & router else 1e-4)
+        if ids & router:
+            assert g["weight_decay"] == (0.0 if all(p.ndim < 2 for p in g["params"]) else 0.01)
+    sched = linear_warmup(opt, warmup=2, total=10)  # the schedule scales both rates alike
+    opt.step(), sched.step()
+    assert {round(g["lr"] / g["initial_lr"], 9) for g in opt.param_groups} == {1.0}
+    with pytest.raises(ValueError, match="no router"):
+        build_optimizer(TrainConfig(router_lr=1e-3), Reranker.from_config(_bert_cfg(tok), tok, max_length=96))
+
+
 def test_warmup_freezes_lora_while_router_and_encoder_train(tiny_encoder, small_data, tmp_path):
     from accelerate.utils import set_seed
 
@@ -407,7 +429,7 @@ def test_routed_pcgrad_training_end_to_end(tiny_encoder, small_data, tmp_path):
     meta = json.loads((out / "model" / "fastrank.json").read_text())
     assert meta["routing"]["r"] == 8 and meta["routing"]["alpha"] == 16
     assert meta["routing"]["adapters"] == list(ADAPTERS)
-    model = load_reranker(out / "model")
+    model = Reranker.from_pretrained(out / "model")
     assert isinstance(model, RoutedReranker)
     cs = load_bundled("webshop", "eval")[0]
     assert sorted(model.rank(cs.goal, cs.observation, cs.candidates).order) == list(range(len(cs.candidates)))
@@ -441,11 +463,15 @@ def test_save_load_round_trip_identical_scores(tok, sets, tmp_path):
     cs = sets[2]
     assert loaded.rank(cs.goal, cs.observation, cs.candidates).scores == m.rank(cs.goal, cs.observation,
                                                                                  cs.candidates).scores
-    assert isinstance(load_reranker(path), RoutedReranker)
-    with pytest.raises(Exception):  # a plain Reranker cannot silently drop the adapters and the router
-        Reranker.from_pretrained(path)
+    # Reranker.from_pretrained dispatches on the checkpoint: the adapters and the router come back too.
+    via_base = Reranker.from_pretrained(path)
+    assert isinstance(via_base, RoutedReranker)
+    with torch.no_grad():
+        assert torch.equal(via_base(b), m(b))
+    with pytest.raises(FileNotFoundError, match="not a fastrank checkpoint"):
+        Reranker.from_pretrained(tmp_path)
     plain = Reranker.from_config(_bert_cfg(tok), tok, max_length=96).save_pretrained(tmp_path / "plain")
-    assert type(load_reranker(plain)) is Reranker
+    assert type(Reranker.from_pretrained(plain)) is Reranker
     with pytest.raises(ValueError, match="plain Reranker"):
         RoutedReranker.from_pretrained(plain)
 

@@ -1,0 +1,71 @@
+"""`fastrank agent-eval`: a saved reranker acting in the real ALFWorld games (fastrank/agent_eval.py)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastrank.agent_eval import spread_over_types, summarize
+from fastrank.model import PRESETS, Reranker
+
+SHARED = Path(os.environ.get("FASTRANK_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+TARBALL = SHARED / "alfworld" / "json_2.1.1_games.tar.xz"
+
+
+def test_games_are_spread_over_task_types():
+    games = [SimpleNamespace(task_type=t, game_file=f"{t}{i}") for t, k in (("a", 3), ("b", 2), ("c", 1))
+             for i in range(k)]
+    assert [g.game_file for g in spread_over_types(games, 4)] == ["a0", "b0", "c0", "a1"]
+    assert len(spread_over_types(games, 100)) == 6  # asking for more than there are gives all, once each
+    assert spread_over_types(games, 0) == []
+
+
+def test_summary_counts_success_types_and_repeats():
+    def ep(task_type, won, actions):
+        return {"task_type": task_type, "won": won, "score": float(won), "steps": len(actions),
+                "trajectory": [{"action": a} for a in actions]}
+
+    s = summarize([ep("pick", True, ["go to a", "take x"]), ep("pick", False, ["look", "look", "look"]),
+                   ep("heat", False, ["go to b", "go to c", "go to b"])])
+    assert s["episodes"] == 3 and s["success_rate"] == pytest.approx(1 / 3)
+    assert s["mean_steps"] == pytest.approx(8 / 3)
+    assert s["repeated_action_rate"] == pytest.approx(3 / 8)  # 2 repeated "look" + 1 repeated "go to b"
+    assert s["per_task_type"]["pick"]["success_rate"] == 0.5
+    assert s["per_task_type"]["heat"] == {"episodes": 1, "success_rate": 0.0, "mean_score": 0.0,
+                                          "mean_steps": 3.0, "repeated_action_rate": pytest.approx(1 / 3)}
+
+
+def test_agent_eval_cli_plays_real_games(tmp_path, capsys):
+    if not TARBALL.exists():
+        pytest.skip(f"shared data not here: {TARBALL}")
+    pytest.importorskip("alfworld")
+    from transformers import AutoTokenizer, BertConfig
+
+    from fastrank.cli import main
+
+    tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=160)
+    ckpt = Reranker.from_config(cfg, tok, max_length=96).save_pretrained(tmp_path / "ranker")
+    out = tmp_path / "episodes.jsonl"
+    rc = main(["agent-eval", "--env", "alfworld", "--games", "2", "--max-steps", "3", "--checkpoint", str(ckpt),
+               "--games-dir", str(TARBALL), "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["episodes"] == 2 and 0.0 <= summary["success_rate"] <= 1.0
+    assert summary["log"] == str(out) and len(summary["per_task_type"]) == 2
+    episodes = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(episodes) == 2
+    assert len({e["task_type"] for e in episodes}) == 2  # round-robin: two games, two task types
+    for e in episodes:
+        assert 1 <= e["steps"] == len(e["trajectory"]) <= 3
+        for s in e["trajectory"]:
+            assert s["n_candidates"] >= 2
+            # the action taken is the best-scored admissible action, runners-up logged in order
+            assert s["top"][0] == [s["action"], s["score"]]
+            assert [x[1] for x in s["top"]] == sorted((x[1] for x in s["top"]), reverse=True)
