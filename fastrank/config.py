@@ -45,7 +45,7 @@ class TrainConfig:
     point_weight: float = 0.5
     packing: str = "packed"  # packed | padded (baseline)
     cpu_threads: int | None = None  # torch threads per process on CPU; None: cores / local processes
-    # environment-aware LoRA routing + per-environment gradient projection (paper §5.6; fastrank/routing.py).
+    # environment-aware LoRA routing + per-environment gradient projection (paper §5.6; fastrank/routing/).
     # Off by default: with routing=false and grad_projection=none the trainer runs the plain path unchanged.
     routing: bool = False  # 4 LoRA adapter groups (alfworld/scienceworld/webshop + shared) mixed per input by a router
     lora_r: int = 8

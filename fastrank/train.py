@@ -189,7 +189,7 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
-    if cfg.routing:  # environment-aware LoRA routing (fastrank/routing.py)
+    if cfg.routing:  # environment-aware LoRA routing (fastrank/routing/)
         from fastrank.routing import build_model
 
         model = build_model(cfg)
@@ -217,7 +217,7 @@ def train(cfg: TrainConfig) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model: Reranker = accelerator.unwrap_model(model)
     router_step = None
-    if cfg.routing or cfg.grad_projection != "none":  # routed / per-env projected step (fastrank/routing.py)
+    if cfg.routing or cfg.grad_projection != "none":  # routed / per-env projected step (fastrank/routing/)
         from fastrank.routing import RoutedTrainStep
 
         router_step = RoutedTrainStep(cfg, accelerator, model, raw_model, optimizer, scheduler)

@@ -1,4 +1,4 @@
-"""Environment-aware LoRA routing + per-environment gradient projection (fastrank/routing.py, paper §5.6)."""
+"""Environment-aware LoRA routing + per-environment gradient projection (fastrank/routing/, paper §5.6)."""
 import copy
 import json
 import math
