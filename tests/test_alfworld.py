@@ -301,3 +301,29 @@ def test_reset_restores_sys_argv(games_root):
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "['prog', 'x']"
+
+
+def test_concurrent_unpacks_do_not_collide(tmp_path):
+    """Several processes asking for the same tarball at once (parallel tests, agent-eval beside a build):
+    one unpacks, the others wait for it; every caller gets the same complete tree."""
+    import subprocess
+    import tarfile
+
+    tree = tmp_path / "src" / "json_2.1.1"
+    for i in range(200):
+        d = tree / "train" / f"task-{i}" / "trial_T1"
+        d.mkdir(parents=True)
+        (d / "game.tw-pddl").write_text("{}" * 500)
+    tarball = tmp_path / "games.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tree, arcname="json_2.1.1")
+    cache = tmp_path / "cache"
+    code = (f"from fastrank.envs.alfworld import ensure_games; "
+            f"print(ensure_games({str(tarball)!r}, {str(cache)!r}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {str(cache / "json_2.1.1")}
+    assert len(list((cache / "json_2.1.1" / "train").iterdir())) == 200
+    assert not list(cache.glob(".unpack.*/"))  # no half-unpacked leftovers

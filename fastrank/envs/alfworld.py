@@ -18,6 +18,7 @@ turns that into `GameLoadError` so that callers can count it and go on instead o
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -148,9 +149,22 @@ def ensure_games(source: str | os.PathLike, cache_dir: str | os.PathLike | None 
     root = cache / RELEASE_DIR
     marker = cache / _UNPACKED_MARKER
     stamp = f"{src.resolve()}:{src.stat().st_size}"
-    if marker.is_file() and marker.read_text().strip() == stamp and root.is_dir():
+    def done() -> bool:
+        return marker.is_file() and marker.read_text().strip() == stamp and root.is_dir()
+
+    if done():
         return root
     cache.mkdir(parents=True, exist_ok=True)
+    # Concurrent callers (parallel tests, an agent-eval beside a builder) must not unpack over each other:
+    # the first one holds the lock and unpacks, the others wait and then find the marker.
+    with open(cache / ".unpack.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done():
+            _unpack(src, cache, root, marker, stamp)
+    return root
+
+
+def _unpack(src: Path, cache: Path, root: Path, marker: Path, stamp: str) -> None:
     tmp = cache / f".unpack.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -173,7 +187,6 @@ def ensure_games(source: str | os.PathLike, cache_dir: str | os.PathLike | None 
         marker.write_text(stamp + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 @dataclass(frozen=True)
