@@ -19,19 +19,28 @@ from tqdm.auto import tqdm
 from fastrank.envs.base import TextEnv
 
 
-def run_episode(env: TextEnv, ranker, task: object, max_steps: int) -> dict:
-    """One episode: reset to `task`, then rank the admissible actions and take the best, until done."""
+def run_episode(env: TextEnv, ranker, task: object, max_steps: int, *, avoid_repeats: bool = False) -> dict:
+    """One episode: reset to `task`, then rank the admissible actions and take the best, until done.
+
+    The reranker sees goal + observation only, so the same observation gives the same choice and an
+    action that leaves the observation unchanged ("examine drawer 8") repeats until the step limit.
+    ``avoid_repeats`` (not in the paper) takes the best action not already taken from this same
+    observation, falling back to the best one when all were.
+    """
     state = env.reset(task)
-    log, t0 = [], time.perf_counter()
+    log, t0, tried = [], time.perf_counter(), {}
     for _ in range(max_steps):
         if state.done or not state.admissible:
             break
         scores = ranker.score(state.goal, state.observation, state.admissible).tolist()
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
-        action = state.admissible[order[0]]
+        seen = tried.setdefault(state.observation, set())
+        pick = next((i for i in order if state.admissible[i] not in seen), order[0]) if avoid_repeats else order[0]
+        action = state.admissible[pick]
+        seen.add(action)
         # the runners-up show how close a wrong choice was: failures can be read, not just counted
         log.append({"observation": state.observation, "n_candidates": len(state.admissible), "action": action,
-                    "score": scores[order[0]], "top": [[state.admissible[i], scores[i]] for i in order[:3]]})
+                    "score": scores[pick], "top": [[state.admissible[i], scores[i]] for i in order[:3]]})
         state = env.step(action)
     return {"task": str(task), "goal": state.goal, "task_type": state.task_type, "won": bool(state.won),
             "score": float(state.info.get("score", float(state.won))), "steps": len(log),
@@ -77,6 +86,8 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=50)
     p.add_argument("--max-candidates", type=int, default=64, help="ScienceWorld: bound on the valid-action list")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--avoid-repeats", action="store_true",
+                   help="take the best action not yet taken from the same observation (breaks loops; not in the paper)")
     p.add_argument("--out", default=None, help="episode log JSONL (default: <checkpoint>/agent_eval_<env>.jsonl)")
 
 
@@ -93,11 +104,12 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
     episodes = []
     with open(out, "w", encoding="utf-8") as f:
         for task in tqdm(tasks, desc=f"agent-eval {args.env}"):
-            ep = run_episode(env, ranker, task, args.max_steps)
+            ep = run_episode(env, ranker, task, args.max_steps, avoid_repeats=args.avoid_repeats)
             episodes.append(ep)
             f.write(json.dumps(ep) + "\n")
     env.close()
-    summary = {"env": args.env, "checkpoint": str(args.checkpoint), **summarize(episodes), "log": str(out)}
+    summary = {"env": args.env, "checkpoint": str(args.checkpoint), "avoid_repeats": args.avoid_repeats,
+               **summarize(episodes), "log": str(out)}
     print(json.dumps(summary, indent=1))
     return 0
 

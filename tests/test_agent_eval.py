@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastrank.agent_eval import spread_over_types, summarize
+from fastrank.agent_eval import run_episode, spread_over_types, summarize
+from fastrank.envs.base import EnvState
 from fastrank.model import PRESETS, Reranker
 
 SHARED = Path(os.environ.get("FASTRANK_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -37,6 +38,31 @@ def test_summary_counts_success_types_and_repeats():
     assert s["per_task_type"]["pick"]["success_rate"] == 0.5
     assert s["per_task_type"]["heat"] == {"episodes": 1, "success_rate": 0.0, "mean_score": 0.0,
                                           "mean_steps": 3.0, "repeated_action_rate": pytest.approx(1 / 3)}
+
+
+class _Drawer:
+    """'examine drawer' leaves the observation unchanged; 'open drawer' wins. The ranker prefers examine."""
+
+    def reset(self, task):
+        return EnvState("You see a drawer.", "open the drawer", ["examine drawer", "open drawer", "look"], "t")
+
+    def step(self, action):
+        if action == "open drawer":
+            return EnvState("The drawer is open.", "open the drawer", [], "t", reward=1.0, done=True, won=True)
+        return self.reset(None)
+
+
+class _Prefers:
+    def score(self, goal, observation, candidates):
+        return torch.tensor([{"examine drawer": 2.0, "look": 1.0, "open drawer": 0.0}[c] for c in candidates])
+
+
+def test_avoid_repeats_breaks_the_same_observation_loop():
+    ep = run_episode(_Drawer(), _Prefers(), None, max_steps=10)
+    assert not ep["won"] and [s["action"] for s in ep["trajectory"]] == ["examine drawer"] * 10
+    ep = run_episode(_Drawer(), _Prefers(), None, max_steps=10, avoid_repeats=True)
+    assert ep["won"] and [s["action"] for s in ep["trajectory"]] == ["examine drawer", "look", "open drawer"]
+    assert ep["trajectory"][1]["top"][0] == ["examine drawer", 2.0]  # the ranking is logged unchanged
 
 
 def test_agent_eval_cli_plays_real_games(tmp_path, capsys):
