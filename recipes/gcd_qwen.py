@@ -7,6 +7,9 @@ Coupling: The Hidden Barrier to Generalization in Agentic RL"): Qwen2.5-3B-Instr
     accelerate launch recipes/gcd_qwen.py --config recipes/gcd.yaml env=scienceworld output_dir=runs/gcd_sw
     python recipes/gcd_qwen.py --config recipes/gcd_tiny.yaml              # CPU smoke run, tiny random model
     python recipes/gcd_qwen.py --config recipes/gcd_smollm2.yaml           # CPU demo, real SmolLM2-135M
+    # + an external labeler for steps the rules leave open (5 sampled verdicts, >= 4 agreeing; frozen, 4-bit):
+    accelerate launch recipes/gcd_qwen.py labeler=Qwen/Qwen2.5-7B-Instruct labeler_load_in_4bit=true
+    accelerate launch recipes/gcd_qwen.py labeler=policy labeler_max_per_update=16   # the policy model votes
 
 Writes <output_dir>/report.md (success on L0/L1/L2, judge accuracy, repeated/looped actions, response
 length), results.json, the LoRA adapters in model/, every rollout in episodes/ and every evaluation's

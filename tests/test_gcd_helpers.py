@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from fastrank.envs.base import EnvState
 from fastrank.gcd.policy import Generation
+from fastrank.gcd.rollout import Episode, Turn
 
 
 class CorridorEnv:
@@ -58,3 +59,15 @@ def say(action: str, think: str = "ok") -> str:
 
 def verdict(label: int, advice: str = "Do not repeat an action that changed nothing.") -> str:
     return f"<think>check</think><answer>\\boxed{{{label}}}</answer><advise>{advice}</advise>"
+
+
+def make_turn(step, obs, action, nxt, error=None, env_action="same", ids=(1,)):
+    """A Turn as the rollout records it; env_action "same": the env was given `action`."""
+    return Turn(step=step, observation=obs, prompt=f"prompt {step}", response=say(action or ""), think="ok",
+                action=action, env_action=action if env_action == "same" else env_action, error=error,
+                next_observation=nxt, response_ids=list(ids), prompt_ids=[5], logprobs=[-1.0] * len(ids))
+
+
+def make_episode(turns, won, group="g", sample=0, level="L0"):
+    return Episode(task=group, group=group, sample=sample, env="alfworld", level=level, task_type="t", goal="goal",
+                   turns=turns, won=won, reward=1.0 if won else 0.0)

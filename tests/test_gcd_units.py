@@ -16,10 +16,12 @@ from fastrank.gcd.grpo import clipped_policy_loss, episode_samples, group_advant
 from fastrank.gcd.judge import collect_advice, judge_stats, judge_steps, judgment_samples, select_for_judging
 from fastrank.gcd.labels import BAD, GOOD, SelfConsistentLabeler, label_episodes, rule_labels
 from fastrank.gcd.metrics import action_flaws, rollout_metrics
-from fastrank.gcd.rollout import FORMAT_FEEDBACK, Episode, RolloutConfig, Turn, run_episodes
+from fastrank.gcd.rollout import FORMAT_FEEDBACK, RolloutConfig, run_episodes
 from fastrank.gcd.suggestions import SuggestionBank, chunk_clusters, extract_rule
 from fastrank.gcd.tasks import Task, stratified
 from test_gcd_helpers import CorridorEnv, StubPolicy, say, verdict
+from test_gcd_helpers import make_episode as _episode
+from test_gcd_helpers import make_turn as _turn
 
 CORRIDOR = Task("corridor/0", None, "L0", "corridor")
 
@@ -154,17 +156,6 @@ def test_kl_low_var_is_zero_at_equal_and_positive_elsewhere():
     a = torch.tensor([-1.0, -2.0, -0.1])
     assert kl_low_var(a, a).abs().max().item() == 0
     assert (kl_low_var(a, a - 0.3) > 0).all()
-
-
-def _turn(step, obs, action, nxt, error=None, env_action="same", ids=(1,)):
-    return Turn(step=step, observation=obs, prompt=f"prompt {step}", response=say(action or ""), think="ok",
-                action=action, env_action=action if env_action == "same" else env_action, error=error,
-                next_observation=nxt, response_ids=list(ids), prompt_ids=[5], logprobs=[-1.0] * len(ids))
-
-
-def _episode(turns, won, group="g", sample=0, level="L0"):
-    return Episode(task=group, group=group, sample=sample, env="alfworld", level=level, task_type="t", goal="goal",
-                   turns=turns, won=won, reward=1.0 if won else 0.0)
 
 
 def test_episode_samples_carry_the_episode_advantage():

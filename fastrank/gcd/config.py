@@ -8,6 +8,7 @@ epoch), 30 judged samples per update, suggestions refreshed every 10 updates. Wh
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fastrank.config import recipe_config as _recipe
 from fastrank.config import to_dict
 
 METHODS = ("grpo", "gcd", "gcd_sugg")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass
@@ -67,6 +69,10 @@ class GCDConfig:
     kl_coef: float = 0.0  # the paper does not use / mention a KL term
     ppo_epochs: int = 1
     micro_batch_size: int = 4
+    # packed: a micro-batch's sequences concatenated into rows (one row under flash attention), logits only at
+    # response tokens; padded: one left-padded row each. Same log-probs (tests/test_gcd_packing.py); the layout
+    # of pi_old too. See fastrank/gcd/policy.py for when each is faster.
+    update_packing: str = "packed"
     grad_clip: float = 1.0
     adv_eps: float = 1.0e-6
     scale_adv: bool = True  # divide by the group std (GRPO); False: Dr. GRPO
@@ -77,6 +83,19 @@ class GCDConfig:
     gcd_coef: float = 1.0  # L = L_GRPO + gcd_coef * L_GCD (paper: 1)
     judge_max_new_tokens: int = 512
     balance_labels: bool = True  # not stated: equal good / bad among judged samples when possible
+    # External labeler for steps the repeat / success rules leave open (paper: DeepSeek-V3, 5 samples, used when
+    # >= 4 agree). none: rules only | policy: the policy model itself | a hub id / folder of any HF causal LM (also
+    # "smollm2", "tiny"), loaded frozen. It sees the critic prompt and votes with parsed verdicts.
+    labeler: str = "none"
+    labeler_samples: int = 5
+    labeler_min_agree: int = 4  # a strict majority of labeler_samples
+    labeler_max_new_tokens: int = 512
+    labeler_temperature: float = 1.0  # 0: greedy (then labeler_samples must be 1)
+    labeler_max_per_update: int | None = 32  # open steps sent per update (and per evaluation); None: all
+    labeler_gguf_file: str | None = None  # separate labeler model only, as gguf_file / dtype / load_in_* above
+    labeler_dtype: str = "auto"
+    labeler_load_in_4bit: bool = False
+    labeler_load_in_8bit: bool = False
     # ---- GCD_sugg
     sugg_refresh_every: int = 10
     sugg_max_advice: int = 60
@@ -104,6 +123,44 @@ class GCDConfig:
             raise ValueError(f"env must be alfworld or scienceworld, got {self.env!r}")
         if self.inadmissible not in ("env", "feedback"):
             raise ValueError(f"inadmissible must be env or feedback, got {self.inadmissible!r}")
+        if self.update_packing not in ("packed", "padded"):
+            raise ValueError(f"update_packing must be packed or padded, got {self.update_packing!r}")
+        self._check_labeler()
+
+    def _check_labeler(self) -> None:
+        if self.labeler is None:  # YAML `labeler: null`
+            self.labeler = "none"
+        name = self.labeler
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"labeler must be none, policy, or a model (hub id / folder), got {name!r}")
+        if name == "none":
+            return
+        separate = name != "policy"
+        if separate and not (Path(name).is_dir() or name in ("tiny", "smollm2") or _HUB_ID.fullmatch(name)):
+            raise ValueError(f"labeler {name!r}: not none / policy / tiny / smollm2, no such folder, and not a hub id "
+                             "(org/name)")
+        if not separate and (self.labeler_gguf_file or self.labeler_load_in_4bit or self.labeler_load_in_8bit
+                             or self.labeler_dtype != "auto"):
+            raise ValueError("labeler_gguf_file / labeler_dtype / labeler_load_in_* are for a separate labeler model, "
+                             "not labeler: policy (it is the policy model as loaded)")
+        if self.labeler_load_in_4bit and self.labeler_load_in_8bit:
+            raise ValueError("labeler_load_in_4bit and labeler_load_in_8bit are exclusive")
+        n, k = self.labeler_samples, self.labeler_min_agree
+        if not 1 <= k <= n or 2 * k <= n:
+            raise ValueError(f"labeler_min_agree must be a strict majority of labeler_samples (at most all of them), "
+                             f"got {k} of {n}")
+        if self.labeler_temperature < 0:
+            raise ValueError(f"labeler_temperature must be >= 0, got {self.labeler_temperature}")
+        if self.labeler_temperature == 0 and self.labeler_samples > 1:
+            raise ValueError("labeler_temperature 0 is greedy: every sample would be the same; set labeler_samples 1 "
+                             "(and labeler_min_agree 1) or a temperature > 0")
+        if self.labeler_max_new_tokens < 1:
+            raise ValueError(f"labeler_max_new_tokens must be >= 1, got {self.labeler_max_new_tokens}")
+        if self.labeler_max_per_update is not None and self.labeler_max_per_update < 1:
+            raise ValueError(f"labeler_max_per_update must be >= 1 or null (no cap), got {self.labeler_max_per_update}")
+        if not self.judging and self.eval_judge_samples <= 0:
+            raise ValueError(f"labels are only used for judging: method {self.method} with eval_judge_samples 0 never "
+                             "uses the labeler; set labeler: none")
 
     @property
     def judging(self) -> bool:

@@ -9,9 +9,10 @@ LoRA via peft; optional bitsandbytes 4-/8-bit loading; checkpoints that record h
 
 LoRA (lora_r > 0): only the adapters train; everything else is frozen, which is also what the reference
 policy for an optional KL term is (the same model with adapters disabled). lora_r = 0: full fine-tuning.
-Quantised loading (load_in_4bit / load_in_8bit) needs LoRA (quantised weights do not train) and, for speed,
-a CUDA GPU; peft's `prepare_model_for_kbit_training` casts norms to fp32 as QLoRA does. On CPU (bitsandbytes
-0.50) 8-bit LoRA training works; 4-bit generates but its backward fails inside bitsandbytes' CPU matmul_4bit on
+Quantised loading (load_in_4bit / load_in_8bit) of the policy needs LoRA (quantised weights do not train; a
+frozen external labeler may be quantised without it) and, for speed, a CUDA GPU; peft's
+`prepare_model_for_kbit_training` casts norms to fp32 as QLoRA does. On CPU (bitsandbytes 0.50) 8-bit LoRA
+training works; 4-bit generates but its backward fails inside bitsandbytes' CPU matmul_4bit on
 linears with a bias (Qwen2's q/k/v: "a view of a leaf Variable ... in-place"), so 4-bit training needs CUDA.
 """
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _dtype(name: str, device: torch.device | str | None) -> torch.dtype:
 
 
 def load_base(spec: ModelSpec, device=None):
-    """(model, tokenizer) without LoRA."""
+    """(model, tokenizer) without LoRA. Quantised loading is allowed here for frozen use (an external labeler);
+    training a quantised base needs LoRA, which load_model checks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec.model == "tiny":
@@ -91,8 +93,6 @@ def load_base(spec: ModelSpec, device=None):
     if quantized:
         from transformers import BitsAndBytesConfig
 
-        if spec.lora_r <= 0:
-            raise ValueError("4/8-bit loading needs LoRA (lora_r > 0): quantised weights do not train")
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=spec.load_in_4bit, load_in_8bit=spec.load_in_8bit, bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=kwargs["dtype"])
@@ -121,6 +121,8 @@ def add_lora(model, spec: ModelSpec):
 
 def load_model(spec: ModelSpec, device=None):
     """(trainable model, tokenizer): the base plus fresh LoRA adapters (lora_r > 0) or the full base."""
+    if (spec.load_in_4bit or spec.load_in_8bit) and spec.lora_r <= 0:
+        raise ValueError("4/8-bit loading needs LoRA (lora_r > 0): quantised weights do not train")
     model, tok = load_base(spec, device)
     if spec.lora_r > 0:
         model = add_lora(model, spec)

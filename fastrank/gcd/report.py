@@ -53,6 +53,21 @@ def eval_tables(evals: list[dict]) -> list[str]:
     return lines
 
 
+def labeler_lines(results: dict) -> list[str]:
+    """Which external labeler was used and, summed over the updates, what it did with the open steps."""
+    desc = results.get("labeler")
+    if not desc:
+        return []
+    lines = [f"External labeler: {desc}."]
+    keys = ("candidates", "sent", "labeled", "good", "abstained", "skipped_cap")
+    tot = {k: sum(h.get(f"labeler/{k}", 0) for h in results["history"]) for k in keys}
+    if any(f"labeler/{k}" in h for h in results["history"] for k in keys):
+        lines.append(f"Training updates: {tot['candidates']} steps without a rule label, {tot['sent']} sent to the "
+                     f"labeler, {tot['labeled']} labeled ({tot['good']} good), {tot['abstained']} abstained, "
+                     f"{tot['skipped_cap']} left out by the per-update cap.")
+    return lines + [""]
+
+
 def curves(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -94,7 +109,7 @@ def write_report(results: dict, out: str | Path) -> Path:
              f"{results['trainable_params']:,} trainable params), {results['updates']} updates of "
              f"{cfg['tasks_per_update']} tasks x {cfg['group_size']} episodes, max {cfg['max_steps']} steps, "
              f"{results['train_seconds']} s, seed {cfg['seed']}.", ""]
-    lines += eval_tables(results["evals"])
+    lines += labeler_lines(results) + eval_tables(results["evals"])
     if results.get("suggestions"):
         last = results["suggestions"][-1]
         lines += ["", f"## Suggestions (GCD_sugg, last refresh at update {last['update']})", ""]
@@ -107,4 +122,4 @@ def write_report(results: dict, out: str | Path) -> Path:
     return path
 
 
-__all__ = ["eval_tables", "curves", "write_report"]
+__all__ = ["eval_tables", "labeler_lines", "curves", "write_report"]

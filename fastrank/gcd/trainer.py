@@ -9,10 +9,9 @@ One update (paper Figure 9):
   4. one optimizer step on L_GRPO + gcd_coef * L_GCD (each a token-mean of the clipped surrogate)
   5. GCD_sugg: add the correct judges' advice to the bank; every `sugg_refresh_every` updates re-summarise.
 
-Distributed (Accelerate, one process per device): every process rolls out its share of the update's tasks and
-computes its micro-batches; the gradients of the trainable parameters (LoRA: small) are then averaged with one
-all-reduce. This avoids DDP's requirement that every rank run the same number of backward passes, which
-rollouts of different lengths would break. Mixed precision via Accelerate's autocast (fp16 with its scaler).
+Distributed (Accelerate, one process per device): every process rolls out its share of the update's tasks;
+the optimizer step (fastrank.gcd.update) averages the gradients with one all-reduce. Mixed precision via
+Accelerate's autocast (fp16 with its scaler).
 """
 from __future__ import annotations
 
@@ -28,16 +27,17 @@ import torch  # noqa: E402
 
 from fastrank.gcd.config import GCDConfig, to_dict  # noqa: E402
 from fastrank.gcd.envpool import EnvFactory, make_pool  # noqa: E402
-from fastrank.gcd.grpo import PolicySample, clipped_policy_loss, episode_samples, kl_low_var  # noqa: E402
+from fastrank.gcd.grpo import episode_samples  # noqa: E402
 from fastrank.gcd.judge import (collect_advice, judge_stats, judge_steps, judgment_samples,  # noqa: E402
                                 select_for_judging)
-from fastrank.gcd.labels import Labeler, label_episodes  # noqa: E402
+from fastrank.gcd.labels import Labeler, apply_labels, build_labeler  # noqa: E402
 from fastrank.gcd.metrics import level_metrics, rollout_metrics  # noqa: E402
 from fastrank.gcd.modeling import ModelSpec, is_peft, load_model, save_checkpoint  # noqa: E402
 from fastrank.gcd.policy import Policy  # noqa: E402
 from fastrank.gcd.rollout import RolloutConfig, run_episodes, save_episodes  # noqa: E402
 from fastrank.gcd.suggestions import SuggestionBank, policy_summarizer  # noqa: E402
 from fastrank.gcd.tasks import LEVELS, Task  # noqa: E402
+from fastrank.gcd.update import policy_update  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -92,94 +92,15 @@ def build_optimizer(params, cfg: GCDConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-# ------------------------------------------------------------------------------------- the update
-
-def _right_aligned(rows: list[list[float]], R: int, device) -> torch.Tensor:
-    out = torch.zeros((len(rows), R), device=device)
-    for i, r in enumerate(rows):
-        out[i, R - len(r):] = torch.tensor(r, dtype=torch.float32, device=device)
-    return out
-
-
-def _micro_batches(samples: list[PolicySample], size: int) -> list[list[PolicySample]]:
-    # similar lengths together: less padding in the left-padded forward
-    ordered = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.response_ids))
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
-
-
-def _all_reduce_grads(params, accelerator) -> None:
-    if accelerator.num_processes <= 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= accelerator.num_processes
-    off = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[off:off + n].view_as(p).clone()
-        off += n
-
-
-def policy_update(policy: Policy, optimizer, accelerator, params, samples: list[PolicySample], cfg: GCDConfig,
-                  rng: random.Random) -> dict:
-    """`ppo_epochs` optimizer steps on L_GRPO + gcd_coef * L_GCD over all samples (token-mean per kind)."""
-    tokens = {k: sum(len(s.response_ids) for s in samples if s.kind == k) for k in ("agent", "judge")}
-    coef = {"agent": 1.0, "judge": cfg.gcd_coef}
-    # zero-advantage samples contribute nothing without KL: skip their forward, keep them in the token count
-    work = [s for s in samples if s.advantage != 0.0 or cfg.kl_coef > 0]
-    stats = {"loss_agent": 0.0, "loss_judge": 0.0, "kl": 0.0, "clipped": 0.0, "ratio": 0.0, "tokens": 0.0,
-             "grad_norm": 0.0, "trained_samples": len(work), "samples": len(samples)}
-    peft = is_peft(policy.model)
-    policy.model.train()
-    for _ in range(cfg.ppo_epochs):
-        rng.shuffle(work)
-        for kind in ("agent", "judge"):
-            for mb in _micro_batches([s for s in work if s.kind == kind], cfg.micro_batch_size):
-                lp, mask = policy.padded_logprobs([s.prompt_ids for s in mb], [s.response_ids for s in mb])
-                old = _right_aligned([s.old_logprobs for s in mb], lp.shape[1], lp.device)
-                adv = torch.tensor([s.advantage for s in mb], device=lp.device)
-                loss_sum, st = clipped_policy_loss(lp, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high)
-                loss = loss_sum * coef[kind] / max(1, tokens[kind])
-                if cfg.kl_coef > 0:
-                    with torch.no_grad():
-                        if peft:
-                            with policy.model.disable_adapter():
-                                ref, _ = policy.padded_logprobs([s.prompt_ids for s in mb],
-                                                                [s.response_ids for s in mb])
-                        else:
-                            raise ValueError("kl_coef > 0 needs a LoRA model (the frozen base is the reference)")
-                    kl = (kl_low_var(lp, ref) * mask).sum()
-                    loss = loss + cfg.kl_coef * coef[kind] * kl / max(1, tokens[kind])
-                    stats["kl"] += float(kl.detach()) / max(1, tokens[kind])
-                accelerator.backward(loss)
-                stats[f"loss_{kind}"] += float(loss_sum.detach()) / max(1, tokens[kind])
-                for k in ("clipped", "ratio", "tokens"):
-                    stats[k] += st[k]
-        _all_reduce_grads(params, accelerator)
-        if cfg.grad_clip and cfg.grad_clip > 0:
-            stats["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if stats["tokens"]:
-        stats["clip_frac"] = stats.pop("clipped") / stats["tokens"]
-        stats["ratio_mean"] = stats.pop("ratio") / stats["tokens"]
-    else:
-        stats.pop("clipped"), stats.pop("ratio")
-    stats["loss"] = stats["loss_agent"] + cfg.gcd_coef * stats["loss_judge"]
-    return stats
-
-
 # ----------------------------------------------------------------------------------------- trainer
 
 class GCDTrainer:
     """Holds the model, optimizer, env pool, suggestion bank and history; `train()` runs everything.
 
-    labeler: optional external labeler (labels.Labeler); summarizer: text -> text for GCD_sugg (default: the
-    policy model). Tasks may be given (tests); by default they come from `task_splits(cfg)`. policy_wrapper
-    changes what is sampled (e.g. ScriptedPolicy), never what is trained."""
+    labeler: optional external labeler (labels.Labeler), instead of the config's `labeler` key; summarizer:
+    text -> text for GCD_sugg (default: the policy model). Tasks may be given (tests); by default they come
+    from `task_splits(cfg)`. policy_wrapper changes what is sampled (e.g. ScriptedPolicy), never what is
+    trained."""
 
     def __init__(self, cfg: GCDConfig, *, labeler: Labeler | None = None,
                  summarizer: Callable[[str], str] | None = None, splits: dict[str, list[Task]] | None = None,
@@ -196,14 +117,17 @@ class GCDTrainer:
         model, tok = load_model(self.spec, device=self.acc.device)
         set_seed(cfg.seed + self.acc.process_index)  # different samples per process
         self.policy = Policy(model, tok, gen_batch_size=cfg.gen_batch_size, score_batch_size=cfg.score_batch_size,
-                             temperature=cfg.temperature,
+                             temperature=cfg.temperature, packing=cfg.update_packing,
                              autocast=self.acc.autocast if self.acc.mixed_precision != "no" else None)
         # a wrapper (e.g. ScriptedPolicy) changes what is sampled, never what is trained
         self.actor = policy_wrapper(self.policy) if policy_wrapper else self.policy
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self.acc.prepare_optimizer(build_optimizer(self.params, cfg))
         self.splits = splits if splits is not None else task_splits(cfg)
-        self.labeler = labeler
+        if labeler is not None and cfg.labeler != "none":
+            raise ValueError(f"a labeler= argument and labeler: {cfg.labeler} in the config: give one of them")
+        self.labeler = labeler if labeler is not None else build_labeler(cfg, self.policy, device=self.acc.device)
+        self.labeler_name = cfg.labeler if labeler is None else getattr(labeler, "name", type(labeler).__name__)
         self.bank = None
         if cfg.suggestions:
             self.bank = SuggestionBank(summarizer or policy_summarizer(self.policy, cfg.sugg_max_new_tokens),
@@ -242,6 +166,15 @@ class GCDTrainer:
 
         return gather_object(items)
 
+    def _label(self, episodes: list, rng: random.Random) -> tuple[list, dict]:
+        """Rule + external labels with the labeler's stats; the per-update cap is shared among processes."""
+        cap = self.cfg.labeler_max_per_update
+        if cap is not None:
+            cap = max(1, cap // self.acc.num_processes)
+        t0 = time.perf_counter()
+        labeled, stats = apply_labels(episodes, self.labeler, max_external=cap, rng=rng)
+        return labeled, {**stats, "seconds": time.perf_counter() - t0}
+
     def next_tasks(self) -> list[Task]:
         """The update's tasks: cycles through a seeded shuffle of the RL pool (the same on every process)."""
         pool = self.splits["train"]
@@ -269,7 +202,7 @@ class GCDTrainer:
         groups = []
         if cfg.judging:
             t1 = time.perf_counter()
-            labeled = label_episodes(episodes, self.labeler)
+            labeled, lstats = self._label(episodes, self.rng)
             chosen = select_for_judging(labeled, max(1, cfg.judge_samples // self.acc.num_processes),
                                         balance=cfg.balance_labels, rng=self.rng)
             groups = judge_steps(self.actor, chosen, n=cfg.judge_group, max_new_tokens=cfg.judge_max_new_tokens)
@@ -277,6 +210,8 @@ class GCDTrainer:
             rec.update({"labels/total": len(labeled), "labels/good": sum(s.label for s in labeled),
                         "labels/judged": len(chosen), "time/judge": time.perf_counter() - t1})
             rec.update({f"judge/{k}": v for k, v in judge_stats(groups).items() if not isinstance(v, dict)})
+            if self.labeler is not None:
+                rec.update({f"labeler/{k}": v for k, v in lstats.items()})
         t2 = time.perf_counter()
         rec.update(policy_update(self.policy, self.optimizer, self.acc, self.params, samples, cfg, self.rng))
         rec["time/update"] = time.perf_counter() - t2
@@ -293,16 +228,22 @@ class GCDTrainer:
     # ---- evaluation
     def evaluate(self, tag: str) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
-        eps = []
+        own = []
         for level in LEVELS:
             tasks = self._shard(self.splits.get(level, []))
-            eps += run_episodes(self.actor, self._pool(), tasks, rollout_config(cfg, greedy=cfg.eval_greedy),
+            own += run_episodes(self.actor, self._pool(), tasks, rollout_config(cfg, greedy=cfg.eval_greedy),
                                 group_size=1)  # no suggestions at test time (paper §5)
-        eps = self._gather(eps)
+        eps = self._gather(own)
         res = {"tag": tag, "update": self.update, "levels": level_metrics(eps)}
         if cfg.eval_judge_samples > 0:
             res["judge"] = {}
-            labeled = label_episodes(eps, self.labeler)
+            # each process labels its own episodes: a sampled labeler run on every process over all of them
+            # would repeat the work and could disagree between processes, splitting the selection below
+            own_labeled, lstats = self._label(own, random.Random(cfg.seed))
+            labeled = self._gather(own_labeled)
+            if self.labeler is not None:
+                every = self._gather([lstats])
+                res["labeler"] = {k: (max if k == "seconds" else sum)(st[k] for st in every) for k in lstats}
             for level in LEVELS:
                 chosen = select_for_judging([s for s in labeled if s.level == level], cfg.eval_judge_samples,
                                             balance=cfg.balance_labels, rng=random.Random(cfg.seed))
@@ -376,7 +317,8 @@ class GCDTrainer:
         n_all = sum(p.numel() for p in self.policy.model.parameters())
         self.log(f"gcd: method {cfg.method}, env {cfg.env}, model {cfg.model} ({n_train:,} of {n_all:,} params "
                  f"train), {self.acc.num_processes} process(es), mixed precision {self.acc.mixed_precision}, "
-                 f"RL pool {len(self.splits['train'])} tasks, eval {[len(self.splits.get(l, [])) for l in LEVELS]}")
+                 f"RL pool {len(self.splits['train'])} tasks, eval {[len(self.splits.get(l, [])) for l in LEVELS]}, "
+                 f"labeler {self._labeler_desc()}")
         t0 = time.perf_counter()
         try:
             if cfg.eval_before and self.update == 0 and not self.evals:
@@ -399,12 +341,19 @@ class GCDTrainer:
                 self.pool = None
         results = {"config": to_dict(cfg), "updates": self.update, "train_seconds": round(time.perf_counter() - t0, 1),
                    "trainable_params": n_train, "history": self.history, "evals": self.evals,
-                   "suggestions": self.bank.history if self.bank else []}
+                   "suggestions": self.bank.history if self.bank else [], "labeler": self._labeler_desc()}
         if self.main:
             from fastrank.gcd.report import write_report
 
             write_report(results, self.out)
         return results
+
+    def _labeler_desc(self) -> str:
+        if self.labeler is None:
+            return "none (rules only)"
+        votes = f"{self.labeler.min_agree} of {self.labeler.n} votes, " if hasattr(self.labeler, "n") else ""
+        cap = self.cfg.labeler_max_per_update
+        return f"{self.labeler_name} ({votes}{'no cap' if cap is None else f'at most {cap} steps per update'})"
 
     def _line(self, rec: dict) -> str:
         parts = [f"update {rec['update']}", f"reward {rec.get('rollout/reward', 0):.3f}",
@@ -412,6 +361,9 @@ class GCDTrainer:
                  f"fmt-err {rec.get('rollout/format_error_rate', 0):.2f}"]
         if "judge/accuracy" in rec:
             parts.append(f"judge acc {rec['judge/accuracy']:.3f}")
+        if "labeler/sent" in rec:
+            parts.append(f"labeler {rec['labeler/labeled']}/{rec['labeler/sent']} labeled, "
+                         f"{rec['labeler/abstained']} abstained, {rec['labeler/skipped_cap']} over cap")
         parts.append(f"{rec['time/total']:.1f}s (rollout {rec['time/rollout']:.1f}s)")
         return " | ".join(parts)
 
