@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -93,6 +94,9 @@ class _RoutingDone(Exception):
 
 # ------------------------------------------------------------------------------------------ LoRA layer
 def _lora_linear_cls():
+    # peft imports bitsandbytes, whose CPU backend warns on every run that an optional hub kernel for 4-bit
+    # GEMMs is missing; routing uses no 4-bit layers, so that warning is noise here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
     class RoutedLoraLinear(PeftLoraLinear):
