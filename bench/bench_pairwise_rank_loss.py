@@ -3,7 +3,8 @@
 Run: `pytest bench/ --benchmark-only` (the fastrank op runs the Triton kernel on CUDA, the torch path on CPU).
 Compared: (a) per-group Python loop (the reference), (b) padded vectorized PyTorch, (c) torch.compile of (b)'s
 loss on the padded tile, (d) fastrank's `pairwise_rank_loss` (validate=False, as in a hot training loop, and
-validate=True, the default).
+validate=True, the default), (e) `fastrank_cuda`: the same op with backend="cuda", the native kernel of the optional
+extension (validate=False; skipped unless on CUDA with `fastrank._cuda` built: FASTRANK_BUILD_CUDA=1, see setup.py).
 """
 import os
 
@@ -12,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from fastrank.ops import pairwise_rank_loss, pairwise_rank_loss_reference
+from fastrank.ops._backend import cuda_ext_available
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GROUPS = [64, 4096, 65536]
-IMPLS = ["loop_reference", "padded_torch", "padded_compiled", "fastrank", "fastrank_validate"]
+IMPLS = ["loop_reference", "padded_torch", "padded_compiled", "fastrank", "fastrank_validate", "fastrank_cuda"]
 
 
 def make_batch(num_groups, seed=0):
@@ -77,6 +79,8 @@ def make_step(impl):
         fn = lambda s, y, o: padded_loss(s, y, o, core=_compiled_core)  # noqa: E731
     elif impl == "fastrank":
         fn = lambda s, y, o: pairwise_rank_loss(s, y, o, backend=backend, validate=False)  # noqa: E731
+    elif impl == "fastrank_cuda":
+        fn = lambda s, y, o: pairwise_rank_loss(s, y, o, backend="cuda", validate=False)  # noqa: E731
     else:
         fn = lambda s, y, o: pairwise_rank_loss(s, y, o, backend=backend)  # noqa: E731
 
@@ -93,7 +97,11 @@ def make_step(impl):
 @pytest.mark.parametrize("num_groups", GROUPS, ids=lambda g: f"G{g}")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fwd_bwd(benchmark, impl, num_groups):
-    if DEVICE.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1" and impl.startswith("fastrank"):
+    if impl == "fastrank_cuda":
+        ok, why = cuda_ext_available(DEVICE)
+        if not ok:
+            pytest.skip(f"backend='cuda' cannot run here: {why}")
+    elif DEVICE.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1" and impl.startswith("fastrank"):
         pytest.skip("TRITON_INTERPRET=1 is set: the kernel would run in the interpreter, not on the GPU")
     if impl == "loop_reference" and DEVICE.type == "cpu" and num_groups > 4096:
         pytest.skip("per-group Python loop at G=65536 takes ~8 s per step on CPU (~0.5 s at G=4096): linear in G")

@@ -6,6 +6,8 @@ matmul, combine by torch.mv). Compared per P (one benchmark group each):
   pcgrad, cagrad   fastrank.project_gradients: Gram pass + on-device T x T solve + combine pass, no sync
   mean             the one-pass lower bound (no surgery)
 and, at P=1e8 only, the two passes on their own (gram_only, combine_only; combine_mv = torch.mv, for CUDA).
+`*_cuda` variants (pcgrad_cuda, cagrad_cuda, gram_cuda, combine_cuda): backend="cuda", the native kernels of the
+optional extension `fastrank._cuda` (FASTRANK_BUILD_CUDA=1, see setup.py); skipped unless it is built and on CUDA.
 extra_info: min_bytes (pcgrad/cagrad: 2 reads of T*P + 1 write of P; mean/combine: 1 read + 1 write; gram: 1
 read), achieved GB/s = min_bytes / median, and the machine's copy bandwidth (a P-element copy_, read + write)
 for scale. The largest size is skipped on CPU when FASTRANK_BENCH_MAX_P says so (default: run everything).
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from fastrank.ops import project_gradients, project_gradients_reference
-from fastrank.ops._backend import resolve_backend
+from fastrank.ops._backend import cuda_ext_available, resolve_backend
 from fastrank.ops.project_gradients import _combine, gram_matrix, task_weights
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,14 +87,22 @@ def _run(benchmark, fn, x, name, size, min_bytes, rounds):
     return out
 
 
+def _skip_without_cuda_ext(impl):
+    if impl.endswith("_cuda"):
+        ok, why = cuda_ext_available(DEVICE)
+        if not ok:
+            pytest.skip(f"backend='cuda' cannot run here: {why}")
+
+
 def _rounds(P, slow=False):
     if P <= 1_000_000:
         return 20
     return 2 if slow else 3
 
 
-@pytest.mark.parametrize("impl", ["textbook_pcgrad", "pcgrad", "cagrad", "mean"])
+@pytest.mark.parametrize("impl", ["textbook_pcgrad", "pcgrad", "cagrad", "mean", "pcgrad_cuda", "cagrad_cuda"])
 def test_project_gradients(benchmark, grads, impl):
+    _skip_without_cuda_ext(impl)
     size, x = grads
     P, e = x.shape[1], x.element_size()
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
@@ -101,18 +111,22 @@ def test_project_gradients(benchmark, grads, impl):
         "pcgrad": lambda: project_gradients(x, "pcgrad", generator=gen()),
         "cagrad": lambda: project_gradients(x, "cagrad"),
         "mean": lambda: project_gradients(x, "mean"),
+        "pcgrad_cuda": lambda: project_gradients(x, "pcgrad", generator=gen(), backend="cuda"),
+        "cagrad_cuda": lambda: project_gradients(x, "cagrad", backend="cuda"),
     }
     passes = 1 if impl == "mean" else 2
     out = _run(benchmark, fns[impl], x, impl, size, passes * T * P * e + P * e, _rounds(P, impl == "textbook_pcgrad"))
-    if impl == "pcgrad":  # same result as the textbook loop (same orders)
+    if impl in ("pcgrad", "pcgrad_cuda"):  # same result as the textbook loop (same orders)
         ref = project_gradients_reference(x[:, : 1 << 20], "pcgrad", generator=gen())
-        fast = project_gradients(x[:, : 1 << 20].contiguous(), "pcgrad", generator=gen())
+        fast = project_gradients(x[:, : 1 << 20].contiguous(), "pcgrad", generator=gen(),
+                                 backend="cuda" if impl == "pcgrad_cuda" else "auto")
         assert float((fast - ref).abs().max()) <= 1e-4 * float(ref.abs().max())  # both accumulate in fp32
         assert out.shape == (P,)
 
 
-@pytest.mark.parametrize("part", ["gram_only", "combine_only", "combine_mv"])
+@pytest.mark.parametrize("part", ["gram_only", "combine_only", "combine_mv", "gram_cuda", "combine_cuda"])
 def test_passes(benchmark, grads, part):
+    _skip_without_cuda_ext(part)
     size, x = grads
     if size != "1e8":
         pytest.skip("pass breakdown only at P=1e8")
@@ -122,5 +136,9 @@ def test_passes(benchmark, grads, part):
         _run(benchmark, lambda: gram_matrix(x), x, part, size, T * P * e, 3)
     elif part == "combine_only":  # what project_gradients runs (CPU: torch.mv; CUDA: the Triton kernel)
         _run(benchmark, lambda: _combine(x, w, resolve_backend("auto", DEVICE)), x, part, size, T * P * e + P * e, 3)
+    elif part == "gram_cuda":
+        _run(benchmark, lambda: gram_matrix(x, backend="cuda"), x, part, size, T * P * e, 3)
+    elif part == "combine_cuda":
+        _run(benchmark, lambda: _combine(x, w, "cuda"), x, part, size, T * P * e + P * e, 3)
     else:
         _run(benchmark, lambda: torch.mv(x.T, w), x, part, size, T * P * e + P * e, 3)

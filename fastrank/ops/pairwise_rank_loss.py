@@ -9,7 +9,7 @@ one positive ``p_g`` (label != 0) and ``n_g = |group| - 1`` negatives ``N_g``. W
 The pair term is 0 when no group has a negative; an empty batch gives 0. ``hits[g]`` is True when the positive
 scores strictly higher than every negative of its group (top-1 hit; a singleton group is a hit).
 
-Three implementations share that contract:
+Four implementations share that contract:
 - ``_pairwise_rank_loss_kernel`` (Triton): one launch per call. Each program owns a tile of ``BLOCK_G`` groups and
   walks their candidates in ``BLOCK_C`` column chunks up to the longest group *of its tile* (no padding to the
   batch-wide maximum). Sweep 1 finds each positive (and the best negative, for hits); sweep 2 writes per-group loss
@@ -18,6 +18,9 @@ Three implementations share that contract:
 - ``_torch_forward``: vectorized PyTorch over the packed layout (segment sums via index_add), autograd backward.
   It is what ``backend="auto"`` runs on CPU.
 - ``pairwise_rank_loss_reference``: a Python loop over groups, obviously correct, for tests and benchmarks.
+- ``kernels/pairwise_rank_loss.cu`` (``backend="cuda"``, the optional extension ``fastrank._cuda``): the same single
+  pass in native CUDA, one warp per group, through the same autograd.Function. Compiled, never run on a GPU yet, so
+  ``auto`` does not pick it.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastrank.ops._backend import resolve_backend
+from fastrank.ops._backend import cuda_ext, resolve_backend
 
 __all__ = ["RankLossOutput", "pairwise_rank_loss", "pairwise_rank_loss_reference"]
 
@@ -118,7 +121,14 @@ def _pairwise_rank_loss_kernel(
 
 class _PairwiseRankLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scores, labels, offsets, margin, point_weight):
+    def forward(ctx, scores, labels, offsets, margin, point_weight, impl="triton"):
+        if impl == "cuda":  # loss, hits and gradient from the extension's single pass; labels of any dtype as they are
+            loss, hits, grad = cuda_ext().pairwise_rank_loss_forward(
+                scores, labels, offsets, float(margin), float(point_weight)
+            )
+            ctx.save_for_backward(grad)
+            ctx.mark_non_differentiable(hits)
+            return loss, hits
         n, g = scores.numel(), offsets.numel() - 1
         if labels.dtype == torch.bool:
             labels = labels.view(torch.uint8)  # zero-copy; Triton's int1 pointers are awkward
@@ -141,7 +151,7 @@ class _PairwiseRankLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_hits):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
 
 
 def _torch_forward(scores, labels, offsets, margin, point_weight) -> RankLossOutput:
@@ -212,14 +222,16 @@ def pairwise_rank_loss(
     ``validate=True`` checks the offsets and that every group has exactly one positive (ValueError naming the
     group); it costs one device->host sync. Pass ``validate=False`` in hot loops whose batches are known to be
     well formed: on malformed input the result is then unspecified (but memory-safe).
-    ``backend``: "triton" (kernel; CUDA, or CPU under TRITON_INTERPRET=1), "torch", or "auto" (see _backend).
+    ``backend``: "triton" (kernel; CUDA, or CPU under TRITON_INTERPRET=1), "torch", "cuda" (the compiled extension,
+    CUDA tensors only), or "auto" (see _backend).
     """
     if validate:
         _check_inputs(scores, labels, group_offsets)
-    if resolve_backend(backend, scores.device) == "torch":
+    impl = resolve_backend(backend, scores.device)
+    if impl == "torch":
         return _torch_forward(scores, labels, group_offsets, margin, point_weight)
     loss, hits = _PairwiseRankLossFunction.apply(
-        scores.contiguous(), labels.contiguous(), group_offsets.contiguous(), margin, point_weight
+        scores.contiguous(), labels.contiguous(), group_offsets.contiguous(), margin, point_weight, impl
     )
     return RankLossOutput(loss, hits)
 

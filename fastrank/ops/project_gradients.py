@@ -10,6 +10,8 @@ Every method returns ``w @ grads`` for weights w (T,) that depend on grads only 
   2. ``task_weights``: the T x T problem, on the device, no host sync: one single-program Triton launch.
   3. ``w @ grads``: one more pass (Triton kernel; torch backend: torch.mv, or fp32 chunks for bf16/fp16).
 Traffic: 2 reads of T*P + 1 write of P. "sum" / "mean" skip 1-2 (one pass).
+``backend="cuda"`` (the optional extension ``fastrank._cuda``, kernels/project_gradients.cu) runs passes 1 and 3 as
+native CUDA kernels and step 2 with the torch solve; compiled, never run on a GPU yet, so ``auto`` does not pick it.
 
 PCGrad -- Yu et al. 2020, Algorithm 1 as published: for each task i and each j != i in random order (a fresh
 permutation per i: ``torch.randperm(T - 1, generator)`` for i = 0..T-1; a CPU generator, None = global RNG):
@@ -55,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrank.ops._backend import resolve_backend
+from fastrank.ops._backend import cuda_ext, resolve_backend
 
 __all__ = ["project_gradients", "project_gradients_reference", "gram_matrix", "task_weights", "TaskGradBuffer",
            "grads_to_params", "all_reduce_task_grads", "draw_pcgrad_orders", "cagrad_objective"]
@@ -177,7 +179,10 @@ def gram_matrix(grads: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     _check(grads, "sum")
     grads = _unit_stride(grads)
     (T, P), dev = grads.shape, grads.device
-    if resolve_backend(backend, dev) == "torch":
+    impl = resolve_backend(backend, dev)
+    if impl == "cuda":
+        return cuda_ext().gram_matrix(grads)
+    if impl == "torch":
         if grads.dtype == torch.float32:
             return grads @ grads.T
         G = torch.zeros(T, T, dtype=torch.float32, device=dev)
@@ -276,7 +281,7 @@ def task_weights(gram: torch.Tensor, method: str = "pcgrad", *, generator: torch
     idx = None
     if method == "pcgrad":
         idx = _orders_tensor(draw_pcgrad_orders(T, generator), dev)
-    if resolve_backend(backend, dev) == "torch":
+    if resolve_backend(backend, dev) in ("torch", "cuda"):  # the extension has no solve kernel: torch's runs
         return _solve_torch(gram, method, idx, float(alpha), iters)
     w = torch.empty(T, dtype=torch.float32, device=dev)
     _solve_kernel[(1,)](gram, idx if idx is not None else gram, w, T, float(alpha), iters, _EPS,
@@ -286,6 +291,8 @@ def task_weights(gram: torch.Tensor, method: str = "pcgrad", *, generator: torch
 
 def _combine(grads: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
     (T, P), dev = grads.shape, grads.device
+    if backend == "cuda":
+        return cuda_ext().combine(grads, w.float().contiguous())
     if backend == "torch":
         if grads.dtype == torch.float32:
             return w @ grads
