@@ -3,6 +3,7 @@ target environment's training episodes, report target net gain and % of the full
 
     accelerate launch recipes/fewshot.py                       # fewshot.yaml: target webshop
     accelerate launch recipes/fewshot.py --config my_fewshot.yaml
+    accelerate launch recipes/fewshot.py target=scienceworld finetune.lr=3e-5 pretrain.max_train_sets=null
 """
 import dataclasses
 import json
@@ -15,16 +16,34 @@ from fastrank.config import load_config
 from fastrank.train import train
 
 
-def main(path: Path) -> None:
-    spec = yaml.safe_load(path.read_text())
+def apply_overrides(spec: dict, overrides: list[str]) -> dict:
+    """`key=value` for the top-level keys, `pretrain.key=value` / `finetune.key=value` inside the two blocks."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"fewshot: expected key=value, got {item!r}")
+        *block, name = key.split(".")
+        if len(block) > 1 or (block and block[0] not in ("pretrain", "finetune")):
+            raise SystemExit(f"fewshot: {key!r}: only pretrain.<key> and finetune.<key> are nested")
+        target = spec.setdefault(block[0], {}) if block else spec
+        target[name] = yaml.safe_load(value)
+    return spec
+
+
+def block_config(spec: dict, block: str):
+    """The TrainConfig of the pretrain / finetune block (validated and typed like any recipe config)."""
+    return load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in spec[block].items()])
+
+
+def main(path: Path, overrides: list[str] = ()) -> None:
+    spec = apply_overrides(yaml.safe_load(path.read_text()), list(overrides))
     out = Path(spec["output_dir"])
     target, fractions = spec["target"], spec["fractions"]
-    pre = dataclasses.replace(load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in spec["pretrain"].items()]),
-                              output_dir=str(out / "pretrain"))
+    pre = dataclasses.replace(block_config(spec, "pretrain"), output_dir=str(out / "pretrain"))
     train(pre)
     rows = []
     for frac in fractions:
-        ft = load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in spec["finetune"].items()])
+        ft = block_config(spec, "finetune")
         ft = dataclasses.replace(ft, envs=[target], eval_envs=[target], train_fraction={target: frac},
                                  init_from=str(out / "pretrain" / "model"), epochs=ft.epochs if frac > 0 else 0,
                                  output_dir=str(out / f"frac_{frac:g}"))
@@ -43,4 +62,5 @@ def main(path: Path) -> None:
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    main(Path(argv[argv.index("--config") + 1]) if "--config" in argv else Path(__file__).with_suffix(".yaml"))
+    config = Path(argv[argv.index("--config") + 1]) if "--config" in argv else Path(__file__).with_suffix(".yaml")
+    main(config, [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")])

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -35,7 +36,8 @@ def test_fewshot_recipe(tiny_encoder, small_data, tmp_path):
             "finetune": {**common, "epochs": 1}}
     cfg_path = tmp_path / "fewshot.yaml"
     cfg_path.write_text(yaml.safe_dump(spec))
-    _load_recipe("fewshot").main(cfg_path)
+    # key=value overrides, top level and inside a block, as on the command line
+    _load_recipe("fewshot").main(cfg_path, ["fractions=[0.0, 0.5, 1.0]", "finetune.max_length=96"])
     rows = json.loads((tmp_path / "fs" / "results.json").read_text())
     assert [r[0] for r in rows] == [0.0, 0.5, 1.0]
     assert rows[0][1] == 0 and 0 < rows[1][1] < rows[2][1] == 24  # training sets at 0 %, 50 %, 100 %
@@ -43,6 +45,19 @@ def test_fewshot_recipe(tiny_encoder, small_data, tmp_path):
     assert "| 50.0% |" in report and "% of full" in report
     # the 0 % row evaluates the pretrained model unchanged
     assert (tmp_path / "fs" / "frac_0" / "model" / "model.safetensors").is_file()
+
+
+def test_fewshot_overrides():
+    recipe = _load_recipe("fewshot")
+    apply = recipe.apply_overrides
+    spec = apply({"target": "webshop", "finetune": {"lr": 5e-5}},
+                 ["target=scienceworld", "finetune.lr=3e-5", "pretrain.max_train_sets=null", "fractions=[0, 1]"])
+    assert spec["target"] == "scienceworld" and spec["fractions"] == [0, 1]
+    assert recipe.block_config(spec, "finetune").lr == 3e-5  # YAML 1.1 reads 3e-5 as a string: typed here
+    assert recipe.block_config(spec, "pretrain").max_train_sets is None
+    for bad in ("target", "a.b.c=1", "other.lr=1"):
+        with pytest.raises(SystemExit):
+            apply({}, [bad])
 
 
 def test_multi_seed_runner_aggregates(tiny_encoder, small_data, tmp_path):
