@@ -4,6 +4,8 @@ target environment's training episodes, report target net gain and % of the full
     accelerate launch recipes/fewshot.py                       # fewshot.yaml: target webshop
     accelerate launch recipes/fewshot.py --config my_fewshot.yaml
     accelerate launch recipes/fewshot.py target=scienceworld finetune.lr=3e-5 pretrain.max_train_sets=null
+    accelerate launch recipes/fewshot.py target=scienceworld pretrained=runs/fewshot/pretrain/model \
+        output_dir=runs/fewshot_sw                             # reuse an ALFWorld model, skip pretraining
 """
 import dataclasses
 import json
@@ -39,13 +41,15 @@ def main(path: Path, overrides: list[str] = ()) -> None:
     spec = apply_overrides(yaml.safe_load(path.read_text()), list(overrides))
     out = Path(spec["output_dir"])
     target, fractions = spec["target"], spec["fractions"]
-    pre = dataclasses.replace(block_config(spec, "pretrain"), output_dir=str(out / "pretrain"))
-    train(pre)
+    pretrained = spec.get("pretrained")  # an ALFWorld model already trained (e.g. another target's run): reuse it
+    if pretrained is None:
+        train(dataclasses.replace(block_config(spec, "pretrain"), output_dir=str(out / "pretrain")))
+        pretrained = out / "pretrain" / "model"
     rows = []
     for frac in fractions:
         ft = block_config(spec, "finetune")
         ft = dataclasses.replace(ft, envs=[target], eval_envs=[target], train_fraction={target: frac},
-                                 init_from=str(out / "pretrain" / "model"), epochs=ft.epochs if frac > 0 else 0,
+                                 init_from=str(pretrained), epochs=ft.epochs if frac > 0 else 0,
                                  output_dir=str(out / f"frac_{frac:g}"))
         res = train(ft)
         rows.append((frac, res["train_sets"], res["eval"]["sampled"][target]["net_gain"]))

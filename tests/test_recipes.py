@@ -45,6 +45,11 @@ def test_fewshot_recipe(tiny_encoder, small_data, tmp_path):
     assert "| 50.0% |" in report and "% of full" in report
     # the 0 % row evaluates the pretrained model unchanged
     assert (tmp_path / "fs" / "frac_0" / "model" / "model.safetensors").is_file()
+    # a second target reuses the pretrained model instead of training it again
+    _load_recipe("fewshot").main(cfg_path, [f"pretrained={tmp_path / 'fs' / 'pretrain' / 'model'}",
+                                            f"output_dir={tmp_path / 'fs2'}", "fractions=[0.0]"])
+    assert not (tmp_path / "fs2" / "pretrain").exists()
+    assert json.loads((tmp_path / "fs2" / "results.json").read_text())[0][2] == rows[0][2]  # same model, same score
 
 
 def test_fewshot_overrides():
