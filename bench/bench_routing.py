@@ -4,8 +4,8 @@ Run: `pytest bench/bench_routing.py --benchmark-only` (FASTRANK_BENCH_ROUTING_TO
 default 4096; FASTRANK_BENCH_ROUNDS: timed rounds per variant, default 3).
 
 One optimizer step = forward + backward + clip + AdamW, through the trainer's own code paths and one
-`Accelerator` (1 process): `plain` is the loop body of `fastrank.train.train` (fused pairwise_rank_loss, one
-backward); the other variants run `fastrank.routing.RoutedTrainStep`:
+`Accelerator` (1 process): `plain` is `fastrank.train.plain_step`, the loop body of `train` (fused
+pairwise_rank_loss, one backward); the other variants run `fastrank.routing.RoutedTrainStep`:
   plain          Reranker, fused loss                                     (joint3 baseline)
   plain_pcgrad   Reranker, per-env losses, 3 backwards, PCGrad            (cost of the projection alone)
   routed_fused   RoutedReranker (4 LoRA groups + router), fused loss     (cost of routing alone)
@@ -29,10 +29,9 @@ from fastrank.config import TrainConfig
 from fastrank.data.bundle import BUNDLED_DIR
 from fastrank.data.record import read_records
 from fastrank.model import Reranker
-from fastrank.ops import pairwise_rank_loss
 from fastrank.packing import encode_sets
 from fastrank.routing import RoutedReranker, RoutedTrainStep, RoutingConfig, env_task_losses
-from fastrank.train import build_optimizer, linear_warmup
+from fastrank.train import build_optimizer, linear_warmup, plain_step
 
 TOKENS = int(os.environ.get("FASTRANK_BENCH_ROUTING_TOKENS", "4096"))
 ROUNDS = int(os.environ.get("FASTRANK_BENCH_ROUNDS", "3"))
@@ -90,20 +89,6 @@ def _make(acc, state, routing: bool, projection: str, per_env_forward: bool):
     return cfg, pmodel, opt, sched, step
 
 
-def _plain_step(acc, cfg, model, opt, sched, batch):  # the loop body of fastrank.train.train
-    with acc.accumulate(model), acc.autocast():
-        scores = model(batch)
-        loss, hits = pairwise_rank_loss(scores, batch.labels, batch.group_offsets, margin=cfg.margin,
-                                        point_weight=cfg.point_weight)
-        acc.backward(loss)
-        if acc.sync_gradients and cfg.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    return loss
-
-
 def _split(acc, cfg, step, batch) -> dict:
     """One instrumented projected step: forward / per-env backwards / projection / optimizer (seconds)."""
     t = [time.perf_counter()]
@@ -136,7 +121,7 @@ def test_step_time(benchmark, setup, variant):
 
     def one():
         if step is None:
-            return _plain_step(acc, cfg, model, opt, sched, batch)
+            return plain_step(acc, cfg, model, opt, sched, batch)[0]
         n[0] += 1
         with acc.accumulate(model):
             return step(batch, n[0])[0]

@@ -132,6 +132,22 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adamw or adamw8bit")
 
 
+def plain_step(accelerator: Accelerator, cfg: TrainConfig, model, optimizer, scheduler, batch):
+    """One micro-batch of plain joint training: fused loss, one backward, clip + step on the sync boundary.
+    (loss, hits). bench/bench_routing.py times this same function as its baseline."""
+    with accelerator.accumulate(model), accelerator.autocast():
+        scores = model(batch)
+        loss, hits = pairwise_rank_loss(scores, batch.labels, batch.group_offsets, margin=cfg.margin,
+                                        point_weight=cfg.point_weight)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, hits
+
+
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     def f(step: int) -> float:
         if step < warmup:
@@ -248,16 +264,7 @@ def train(cfg: TrainConfig) -> dict:
                 with accelerator.accumulate(model):
                     loss, hits = router_step(batch, step)
             else:
-                with accelerator.accumulate(model), accelerator.autocast():
-                    scores = model(batch)
-                    loss, hits = pairwise_rank_loss(scores, batch.labels, batch.group_offsets,
-                                                    margin=cfg.margin, point_weight=cfg.point_weight)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.grad_clip > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                loss, hits = plain_step(accelerator, cfg, model, optimizer, scheduler, batch)
             micro += 1
             seen_cand += batch.n_candidates
             seen_tok += batch.n_tokens
