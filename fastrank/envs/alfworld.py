@@ -149,6 +149,7 @@ def ensure_games(source: str | os.PathLike, cache_dir: str | os.PathLike | None 
     root = cache / RELEASE_DIR
     marker = cache / _UNPACKED_MARKER
     stamp = f"{src.resolve()}:{src.stat().st_size}"
+
     def done() -> bool:
         return marker.is_file() and marker.read_text().strip() == stamp and root.is_dir()
 
