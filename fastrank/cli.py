@@ -1,11 +1,29 @@
-"""`fastrank` command line: data build / stats / validate, agent-eval, gcd coupling / train."""
+"""`fastrank` command line: data build / stats / validate, agent-eval, gcd coupling / train, export.
+
+A mistake in the input (a bad record, a missing file or checkpoint, an unknown config key) ends the run
+with one `fastrank: error: ...` line and exit code 2; --debug (or FASTRANK_DEBUG=1) shows the traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from fastrank.data.record import CandidateSet, DataError, ReadReport, read_records
+from fastrank.data.record import CandidateSet, ReadReport, read_records
+from fastrank.entry import call, split_debug
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in --help, and descriptions / epilogs (usage examples, key lists) kept as written."""
+
+
+def use_formatter(parser: argparse.ArgumentParser, formatter=HelpFormatter) -> None:
+    """Give `parser` and all its subcommand parsers `formatter` (add_parser does not inherit it)."""
+    parser.formatter_class = formatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                use_formatter(sub, formatter)
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -53,15 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     st = dsub.add_parser("stats", help="per-environment counts and set-size histogram")
-    st.add_argument("paths", nargs="+")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("paths", nargs="+", help="candidate-set JSONL(.gz) files")
+    st.add_argument("--json", action="store_true", help="print the counts as JSON")
     st.add_argument("--skip-invalid", action="store_true", help="count and report bad records instead of failing")
-    st.add_argument("--max-candidates", type=int, default=20)
+    st.add_argument("--max-candidates", type=int, default=20, help="a set with more candidates is invalid")
     st.set_defaults(func=_cmd_stats)
 
     va = dsub.add_parser("validate", help="check every record; exit 1 if any is invalid")
-    va.add_argument("paths", nargs="+")
-    va.add_argument("--max-candidates", type=int, default=20)
+    va.add_argument("paths", nargs="+", help="candidate-set JSONL(.gz) files")
+    va.add_argument("--max-candidates", type=int, default=20, help="a set with more candidates is invalid")
     va.set_defaults(func=_cmd_validate)
 
     from fastrank.data.build import add_build_args
@@ -77,16 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_agent_eval_args(ae)
     ae.set_defaults(func=_cmd_agent_eval)
     add_gcd_args(sub)
+    from fastrank.export import add_export_args
+
+    add_export_args(sub)  # fastrank export CHECKPOINT OUT --to sentence-transformers
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an input error (anywhere on the line; also FASTRANK_DEBUG=1)")
+    use_formatter(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
+
+    def run(rest: list[str]) -> int:
+        args = build_parser().parse_args(rest)
         return args.func(args)
-    except (DataError, FileNotFoundError) as exc:
-        print(f"fastrank: error: {exc}", file=sys.stderr)
-        return 2
+
+    return call(run, argv, debug=debug)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ DeBERTa-v3-layout encoder with ALFWorld candidates (mean 76 tokens), fwd+bwd vs 
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -43,7 +44,8 @@ from typing import Sequence
 def _hide_broken_torchvision() -> None:
     """transformers imports torchvision when it is installed; a torchvision built for another torch (the
     CUDA wheel next to CPU torch, pulled in by `alfworld`) raises at import and breaks every model load.
-    Hide such a torchvision from this process (text models never need it)."""
+    Hide such a torchvision from this process (text models never need it). The documented install
+    (README step 1) uninstalls it, so this is only a guard for other installs."""
     if "torchvision" in sys.modules and sys.modules["torchvision"] is not None:
         return
     try:
@@ -61,7 +63,8 @@ def _hide_broken_torchvision() -> None:
                 fn.cache_clear()
         import warnings
         warnings.warn(f"torchvision is installed but broken ({type(exc).__name__}: {exc}); hidden from "
-                      f"transformers in this process", stacklevel=2)
+                      f"transformers in this process (nothing here needs it: pip uninstall torchvision)",
+                      stacklevel=2)
 
 
 _hide_broken_torchvision()
@@ -76,8 +79,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 
 from fastrank.data.features import Featurizer  # noqa: E402
 from fastrank.packing import (  # noqa: E402
-    EncodedSet, PackedBatch, PackedCollator, PaddedCollator, tokenize_pairs,
+    EncodedSet, PackedBatch, PackedCollator, PaddedCollator, encode_sets, tokenize_pairs,
 )
+from fastrank.prefix import PrefixCollator, encode_prefix_sets, prefix_attention_mask  # noqa: E402
+
+MAX_ACTION_TOKENS = 32  # shared-prefix layout: an action (+ features) longer than this is cut
 
 
 def _minilm_path() -> str:
@@ -96,10 +102,17 @@ PRESETS = {
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "fastrank.json"
+POOLER_HEAD = "tanh_pooler_linear_first_token"  # meta["head"]["type"] of a head imported from a cross-encoder
+# Checkpoints written before `fastrank.json` recorded its "class": the metadata key that marked a subclass, and
+# that subclass. Only for reading those old folders; new ones name their class themselves.
+_CLASS_BEFORE_RECORDED = {"routing": "fastrank.routing.model:RoutedReranker"}
 _BERT_LIKE = {"bert": 0, "electra": 0, "roberta": None, "xlm-roberta": None, "camembert": None}  # None: pad+1
 
 
 VARLEN = "fastrank_varlen"
+# "pairs": one (state, action) sequence per candidate (the paper); "shared_prefix": the state encoded once
+# per set, candidates attending to it (fastrank.prefix; faster, not the paper's layout)
+LAYOUTS = ("pairs", "shared_prefix")
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -184,7 +197,8 @@ class Ranking:
 class Reranker(nn.Module):
     def __init__(self, encoder: nn.Module, tokenizer, featurizer: Featurizer | None = None, *,
                  max_length: int = 256, row_len: int = 256, aux_heads: dict[str, int] | None = None,
-                 packed_attention: str = "varlen"):
+                 packed_attention: str = "varlen", layout: str = "pairs", head_pooler: bool = False,
+                 varlen_backend: str = "auto"):
         super().__init__()
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # unused (we read the first token) and would leave params without grads
@@ -197,16 +211,33 @@ class Reranker(nn.Module):
         hidden = cfg.hidden_size
         std = getattr(cfg, "initializer_range", 0.02)
         self.head = nn.Linear(hidden, 1)
+        # head_pooler: score = head(tanh(pooler(h_first))), the head of a BERT/RoBERTa cross-encoder imported with
+        # its trained weights (fastrank.export.read_cross_encoder); off: the paper's linear head on h_first
+        self.pooler = nn.Linear(hidden, hidden) if head_pooler else None
         self.aux_head_sizes = dict(aux_heads or {})
         self.aux_heads = nn.ModuleDict({k: nn.Linear(hidden, int(n)) for k, n in self.aux_head_sizes.items()})
-        for lin in [self.head, *self.aux_heads.values()]:
+        for lin in [self.head, *self.aux_heads.values(), *([self.pooler] if head_pooler else [])]:
             nn.init.normal_(lin.weight, std=std)
             nn.init.zeros_(lin.bias)
         self.packing = packing_family(cfg)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+        if layout == "shared_prefix" and self.packing != "bert":
+            raise ValueError(f"layout='shared_prefix' needs a BERT-family encoder (absolute positions), "
+                             f"not {cfg.model_type!r}")
+        self.layout = layout
         if packed_attention not in ("varlen", "mask"):
             raise ValueError(f"packed_attention must be 'varlen' or 'mask', not {packed_attention!r}")
         if self.packing == "bert" and packed_attention == "varlen" and cfg._attn_implementation == "sdpa":
             encoder.set_attn_implementation(VARLEN)  # SDPA for padded batches, per-candidate SDPA for packed ones
+        self.varlen_backend = None  # DeBERTa through disentangled-flash (fastrank.deberta_varlen) when installed
+        if self.packing == "deberta-v2" and packed_attention == "varlen":
+            from fastrank import deberta_varlen
+            if deberta_varlen.available():
+                self.varlen_backend = deberta_varlen.install(encoder, varlen_backend)
+            elif varlen_backend != "auto":
+                raise ImportError(f"varlen_backend={varlen_backend!r} needs disentangled-flash: "
+                                  f"pip install 'fastrank[deberta]'")
         offset = _BERT_LIKE.get(cfg.model_type, 0)
         self.position_offset = (cfg.pad_token_id + 1) if offset is None else offset
         self._takes_token_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
@@ -216,9 +247,14 @@ class Reranker(nn.Module):
     @classmethod
     def from_encoder(cls, name_or_path: str, *, featurizer: Featurizer | None = None, max_length: int = 256,
                      row_len: int = 256, aux_heads: dict[str, int] | None = None, packed_attention: str = "varlen",
-                     attn_implementation: str | None = None, dtype: torch.dtype | None = None,
+                     layout: str = "pairs", attn_implementation: str | None = None, dtype: torch.dtype | None = None,
                      device: str | torch.device | None = None, **model_kwargs) -> "Reranker":
-        """A fresh reranker on a pretrained encoder: a `PRESETS` key, a hub id or a local folder."""
+        """A fresh reranker on a pretrained encoder: a `PRESETS` key, a hub id or a local folder.
+
+        A BERT/RoBERTa-family `*ForSequenceClassification` cross-encoder with one label (e.g. an MS MARCO MiniLM
+        cross-encoder) keeps its trained pooler + classifier as the rerank head (`head_pooler`): scores equal
+        that model's logits.
+        """
         path = PRESETS.get(name_or_path, name_or_path)
         if name_or_path == "minilm" and not os.path.isdir(path):
             raise ImportError(f"the 'minilm' preset needs the bundled weights: {path}")
@@ -226,10 +262,15 @@ class Reranker(nn.Module):
             model_kwargs["attn_implementation"] = attn_implementation
         if dtype is not None:
             model_kwargs["dtype"] = dtype
-        encoder = AutoModel.from_pretrained(path, **model_kwargs)
+        from fastrank.cross_encoder import read_cross_encoder
+
+        cross = read_cross_encoder(path, **model_kwargs)  # None unless a sequence-classification checkpoint
+        encoder = cross.encoder if cross is not None else AutoModel.from_pretrained(path, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = cls(encoder, tokenizer, featurizer, max_length=max_length, row_len=row_len, aux_heads=aux_heads,
-                    packed_attention=packed_attention)
+                    packed_attention=packed_attention, layout=layout, head_pooler=cross is not None)
+        if cross is not None:
+            cross.apply(model)
         return model.to(device) if device is not None else model
 
     @classmethod
@@ -251,14 +292,18 @@ class Reranker(nn.Module):
     @property
     def varlen(self) -> bool:
         """Packed batches use per-candidate (varlen) attention rather than a block-diagonal mask."""
+        if self.varlen_backend is not None:
+            return True
         return self.packing == "bert" and self.encoder.config._attn_implementation == VARLEN
 
     def collator(self, packed: bool | None = None, **kw):
         """The collator to use with this model (packed when the encoder supports it, unless `packed=False`)."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if self.layout == "shared_prefix":  # its own layout: packed/padded do not apply
+            return PrefixCollator(pad_token_id=pad)
         packed = self.supports_packing if packed is None else packed
         if packed and not self.supports_packing:
             raise ValueError(f"{self.encoder.config.model_type} encoders have no exact packed path")
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if packed:
             row_len = None if self.varlen else self.row_len  # varlen attention: one row, no padding at all
             return PackedCollator(pad_token_id=pad, row_len=kw.pop("row_len", row_len), **kw)
@@ -269,6 +314,16 @@ class Reranker(nn.Module):
         ids, seg = batch.input_ids, batch.segment_ids
         real = seg > 0
         tt = batch.token_type_ids if self._uses_token_types else None
+        if batch.prefix:  # fastrank.prefix: state once per row, candidates read it
+            kw = {"token_type_ids": tt} if tt is not None else {}
+            mask = prefix_attention_mask(seg)
+            if self.encoder.config._attn_implementation == "eager":
+                mask = torch.zeros(mask.shape, device=ids.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+            return self.encoder(input_ids=ids, attention_mask=mask[:, None], position_ids=batch.position_ids +
+                                self.position_offset, **kw).last_hidden_state
+        if self.varlen_backend is not None:  # packed and padded batches alike: one sequence per candidate
+            from fastrank import deberta_varlen
+            return deberta_varlen.encode(self.encoder, batch, tt, self.varlen_backend)
         if not batch.packed:
             kw = {"token_type_ids": tt} if tt is not None else {}
             return self.encoder(input_ids=ids, attention_mask=real.long(), **kw).last_hidden_state
@@ -310,36 +365,72 @@ class Reranker(nn.Module):
         cls = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.cls_index)
         with torch.autocast(cls.device.type, enabled=False):
             cls32 = cls.float()
-            scores = F.linear(cls32, self.head.weight.float(), self.head.bias.float()).squeeze(-1)
+            pooled = cls32 if self.pooler is None else torch.tanh(
+                F.linear(cls32, self.pooler.weight.float(), self.pooler.bias.float()))
+            scores = F.linear(pooled, self.head.weight.float(), self.head.bias.float()).squeeze(-1)
             if not return_aux:
                 return scores
             aux = {k: F.linear(cls32, h.weight.float(), h.bias.float()) for k, h in self.aux_heads.items()}
         return scores, aux
 
     # ------------------------------------------------------------------------------------- inference
-    def _encode_one(self, goal: str, observation: str, candidates: Sequence[str]) -> EncodedSet:
-        ids, tts = tokenize_pairs(self.featurizer.pairs(goal, observation, list(candidates)), self.tokenizer,
-                                  self.max_length)
+    def encode_sets(self, sets: Sequence, **kw) -> list:
+        """Token ids of `CandidateSet`s in this model's layout (what `collator()` batches)."""
+        if self.layout == "shared_prefix":
+            return encode_prefix_sets(sets, self.tokenizer, self.featurizer, self.max_length,
+                                      kw.get("max_action_tokens", MAX_ACTION_TOKENS))
+        return encode_sets(sets, self.tokenizer, self.featurizer, self.max_length, **kw)
+
+    def _encode_one(self, goal: str, observation: str, candidates: Sequence[str], history=None):
+        if self.layout == "shared_prefix":
+            from fastrank.data.record import CandidateSet
+
+            cs = CandidateSet(env="alfworld", episode_id="-", step=0, task_type="", goal=goal,
+                              observation=observation, candidates=list(candidates), expert_index=-1,
+                              sources=[], history=history)
+            return self.encode_sets([cs])[0]
+        ids, tts = tokenize_pairs(self.featurizer.pairs(goal, observation, list(candidates), history),
+                                  self.tokenizer, self.max_length)
         return EncodedSet(index=0, input_ids=ids, token_type_ids=tts, expert_index=-1, env_id=0)
 
     @torch.no_grad()
-    def score(self, goal: str, observation: str, candidates: Sequence[str], *, packed: bool | None = None
-              ) -> torch.Tensor:
-        """Raw scores (K,) fp32 on CPU for one candidate set (eval mode, no grad, packed when supported)."""
-        if not candidates:
-            return torch.zeros(0)
-        batch = self.collator(packed)([self._encode_one(goal, observation, candidates)]).to(self.device)
+    def score_many(self, states: Sequence[tuple], *, packed: bool | None = None) -> list[torch.Tensor]:
+        """Scores for several sets in one forward: `states` = (goal, observation, candidates[, history]) each.
+
+        The agent evaluation scores the current states of several games at once this way.
+        """
+        items = [self._encode_one(*st) for st in states if st[2]]
+        out = [torch.zeros(0) for _ in states]
+        if not items:
+            return out
+        for k, it in enumerate(items):
+            it.index = k
+        batch = self.collator(packed)(items).to(self.device)
         was_training = self.training
         self.eval()
         try:
-            return self(batch).float().cpu()
+            scores = self(batch).float().cpu()
         finally:
             self.train(was_training)
+        off = batch.group_offsets.tolist()
+        nonempty = [i for i, st in enumerate(states) if st[2]]
+        for g, i in enumerate(nonempty):
+            out[i] = scores[off[g]:off[g + 1]]
+        return out
 
-    def rank(self, goal: str, observation: str, candidates: Sequence[str], *, packed: bool | None = None
-             ) -> Ranking:
+    @torch.no_grad()
+    def score(self, goal: str, observation: str, candidates: Sequence[str], *, history=None,
+              packed: bool | None = None) -> torch.Tensor:
+        """Raw scores (K,) fp32 on CPU for one candidate set (eval mode, no grad, packed when supported).
+
+        `history`: the episode so far as (action, observation) pairs (read by the ``history`` feature mode;
+        other checkpoints ignore it)."""
+        return self.score_many([(goal, observation, list(candidates), history)], packed=packed)[0]
+
+    def rank(self, goal: str, observation: str, candidates: Sequence[str], *, history=None,
+             packed: bool | None = None) -> Ranking:
         """Candidates best-first: iterate for (index, score) pairs; `.best` is the argmax (ties: lowest index)."""
-        s = self.score(goal, observation, candidates, packed=packed)
+        s = self.score(goal, observation, candidates, history=history, packed=packed)
         order = sorted(range(len(s)), key=lambda i: (-float(s[i]), i))
         return Ranking(order=order, scores=s.tolist())
 
@@ -347,14 +438,20 @@ class Reranker(nn.Module):
     def meta(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,
+            # from_pretrained on the base class rebuilds this class: dispatch on the file, not on a list of
+            # subclasses here (fastrank.routing subclasses Reranker and imports this module).
+            "class": f"{type(self).__module__}:{type(self).__qualname__}",
             "featurizer": self.featurizer.to_dict(),
             "max_length": self.max_length,
             "row_len": self.row_len,
-            "head": {"type": "linear_first_token", "in_features": self.head.in_features, "out_features": 1},
+            "head": {"type": "linear_first_token" if self.pooler is None else POOLER_HEAD,
+                     "in_features": self.head.in_features, "out_features": 1},
             "aux_heads": self.aux_head_sizes,
             "encoder_model_type": self.encoder.config.model_type,
             "packing": self.packing,
             "packed_attention": "varlen" if self.varlen else "mask",
+            "varlen_backend": self.varlen_backend,  # informational: a checkpoint loads with "auto"
+            "layout": self.layout,
         }
 
     def save_pretrained(self, save_dir: str | os.PathLike) -> Path:
@@ -398,9 +495,8 @@ class Reranker(nn.Module):
         meta = json.loads((src / META_NAME).read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{src}: unsupported fastrank format {meta.get('format_version')}")
-        if "routing" in meta and cls is Reranker:
-            from fastrank.routing import RoutedReranker  # lazy: routing imports this module
-            cls = RoutedReranker
+        if cls is Reranker:
+            cls = _saved_class(meta, src)
         model = cls.from_config(AutoConfig.from_pretrained(src), AutoTokenizer.from_pretrained(src),
                                 attn_implementation=attn_implementation, **cls._init_kwargs(meta, src))
         load_model(model, str(src / WEIGHTS_NAME), strict=True)
@@ -412,4 +508,27 @@ class Reranker(nn.Module):
         """`from_config` keyword arguments stored in a checkpoint's META_NAME (subclasses add their own)."""
         return dict(featurizer=Featurizer(**meta["featurizer"]), max_length=meta["max_length"],
                     row_len=meta.get("row_len", 256), aux_heads=meta.get("aux_heads"),
-                    packed_attention=meta.get("packed_attention", "varlen"))
+                    packed_attention=meta.get("packed_attention", "varlen"), layout=meta.get("layout", "pairs"),
+                    head_pooler=meta.get("head", {}).get("type") == POOLER_HEAD)
+
+
+def _saved_class(meta: dict, src: Path) -> type[Reranker]:
+    """The Reranker class a checkpoint was saved from (`meta["class"]`, "module:qualname").
+
+    Imported by name so that this module needs no import of its subclasses; only classes inside the
+    fastrank package are accepted, since the name comes from a file.
+    """
+    name = meta.get("class") or next((c for k, c in _CLASS_BEFORE_RECORDED.items() if k in meta),
+                                     f"{__name__}:Reranker")
+    module, _, qualname = name.partition(":")
+    if not (module == "fastrank" or module.startswith("fastrank.")) or not qualname:
+        raise ValueError(f"{src}: {META_NAME} names class {name!r}, not a fastrank Reranker class")
+    try:
+        found = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{src}: {META_NAME} names class {name!r}, which cannot be imported ({exc})") from None
+    if not (isinstance(found, type) and issubclass(found, Reranker)):
+        raise ValueError(f"{src}: {META_NAME} names {name!r}, which is not a Reranker class")
+    return found

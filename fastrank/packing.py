@@ -111,7 +111,7 @@ def encode_sets(sets: Sequence[CandidateSet], tokenizer, featurizer, max_length:
     """
     pairs: list[tuple[str, str]] = []
     for cs in sets:
-        pairs.extend(featurizer.pairs(cs.goal, cs.observation, cs.candidates))
+        pairs.extend(featurizer.pairs(cs.goal, cs.observation, cs.candidates, getattr(cs, "history", None)))
     if progress is None:
         progress = len(pairs) > 20_000
     ids: list[list[int]] = []
@@ -248,7 +248,8 @@ class PackedBatch:
     cls_index (N,): flat index into the (R*L) tokens of each candidate's first token, in candidate order;
     seq_lens (N,): each candidate's token count (its tokens are flat indices cls_index .. cls_index+len-1).
     group_offsets (G+1,) int32; labels (N,) float 0/1 (1 = expert); env_ids (N,) int64 (index into ENVS);
-    set_index (G,) int64: `EncodedSet.index` of each set.
+    set_index (G,) int64: `EncodedSet.index` of each set. With ``prefix=True`` (`fastrank.prefix`) a row
+    is one set: segment 1 is its state, k + 2 its k-th candidate.
     """
 
     input_ids: torch.Tensor
@@ -265,6 +266,7 @@ class PackedBatch:
     n_candidates: int
     max_seq_len: int
     packed: bool
+    prefix: bool = False  # shared-prefix layout (fastrank.prefix): one set per row, state then candidates
 
     @property
     def attention_mask(self) -> torch.Tensor:

@@ -42,12 +42,33 @@ def loss_curve(history: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def eval_table(rep: dict) -> list[str]:
-    lines = ["| environment | states | original top-1 | reranked top-1 | net gain |", "|---|---|---|---|---|"]
+def eval_table(rep: dict, floor: dict | None = None) -> list[str]:
+    """Per environment: the model's top-1 and net gain, and (when given) the zero-training lexical
+    floor's net gain on the same sets (`fastrank.lexical_floor`), so a reader sees what training added."""
+    if floor is None:
+        lines = ["| environment | states | original top-1 | reranked top-1 | net gain |", "|---|---|---|---|---|"]
+    else:
+        lines = ["| environment | states | original top-1 | reranked top-1 | net gain | lexical floor | "
+                 "model − floor |", "|---|---|---|---|---|---|---|"]
     for env, r in rep.items():
-        lines.append(f"| {env} | {r['states']} | {r['original_top1']:.3f} | {r['reranked_top1']:.3f} | "
-                     f"**{r['net_gain']:+.3f}** |")
+        row = (f"| {env} | {r['states']} | {r['original_top1']:.3f} | {r['reranked_top1']:.3f} | "
+               f"**{r['net_gain']:+.3f}** |")
+        if floor is not None:
+            f = floor.get(env)
+            row += (f" {f['net_gain']:+.3f} | {r['net_gain'] - f['net_gain']:+.3f} |" if f and f["states"] == r["states"]
+                    else " — | — |")
+        lines.append(row)
     return lines
+
+
+def _floors(config: dict) -> tuple[dict, str | None]:
+    """The lexical floor on the run's evaluation sets, or ({}, why not) when they cannot be reloaded."""
+    from fastrank.lexical_floor import floor_for_run
+
+    try:
+        return floor_for_run(config), None
+    except (FileNotFoundError, ValueError) as exc:
+        return {}, f"lexical floor not computed: {exc}"
 
 
 def write_report(results: dict, out: Path) -> Path:
@@ -57,8 +78,14 @@ def write_report(results: dict, out: Path) -> Path:
              f"model `{cfg['model']}`, envs {cfg['envs']}, negatives `{cfg['negatives']}`, upsample {cfg['upsample']}, "
              f"{results['train_sets']} training sets, {results['steps']} steps in {results['train_seconds']} s, "
              f"seed {cfg['seed']}.", ""]
+    floors, why = _floors(cfg) if results["eval"] else ({}, None)
     for mode, rep in results["eval"].items():
-        lines += [f"## Clean eval split, `{mode}` negatives", ""] + eval_table(rep) + [""]
+        lines += [f"## Clean eval split, `{mode}` negatives", ""] + eval_table(rep, floors.get(mode)) + [""]
+    if floors:
+        lines += ["Lexical floor: no training, each candidate scored by the share of its words found in goal + "
+                  "observation (`python -m fastrank.lexical_floor`).", ""]
+    elif why:
+        lines += [why, ""]
     if results["eval"]:
         net_gain_bars({m: r for m, r in results["eval"].items()}, out / "net_gain.png")
         lines += ["![net gain](net_gain.png)", ""]
@@ -78,11 +105,16 @@ def write_seed_report(agg: dict, runs: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"aggregate": agg, "seeds": list(runs)}, indent=1))
     lines = [f"# fastrank multi-seed run: {out.name}", "", f"seeds {list(runs)}", ""]
+    # Each seed draws its own eval sample: the floor is averaged over the same samples as the model.
+    floors = [_floors(r["config"])[0] for r in runs.values() if isinstance(r, dict) and "config" in r]
     for mode, by_env in agg.items():
-        lines += [f"## `{mode}` negatives", "", "| environment | net gain mean ± std | per seed |", "|---|---|---|"]
+        lines += [f"## `{mode}` negatives", "", "| environment | net gain mean ± std | per seed | lexical floor (mean) |",
+                  "|---|---|---|---|"]
         for env, a in by_env.items():
             per = " / ".join(f"{v:+.3f}" for v in a["values"])
-            lines.append(f"| {env} | **{a['net_gain_mean']:+.3f} ± {a['net_gain_std']:.3f}** | {per} |")
+            vals = [f[mode][env]["net_gain"] for f in floors if env in f.get(mode, {})]
+            fl = f"{sum(vals) / len(vals):+.3f}" if floors and len(vals) == len(floors) else "—"
+            lines.append(f"| {env} | **{a['net_gain_mean']:+.3f} ± {a['net_gain_std']:.3f}** | {per} | {fl} |")
         lines.append("")
     path = out / "report.md"
     path.write_text("\n".join(lines))

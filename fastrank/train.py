@@ -28,7 +28,7 @@ from fastrank.data.negatives import upsample
 from fastrank.data.record import CandidateSet
 from fastrank.metrics import net_gain_report
 from fastrank.model import Reranker
-from fastrank.ops import pairwise_rank_loss
+from fastrank.ops import listwise_rank_loss, pairwise_rank_loss
 from fastrank.packing import TokenBudgetBatchSampler, encode_sets
 
 STATE_FILE = "train_state.json"
@@ -132,13 +132,29 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adamw or adamw8bit")
 
 
+LOSSES = ("pairwise", "listwise")
+
+
+def rank_loss(cfg: TrainConfig, scores: torch.Tensor, batch):
+    """The training objective `cfg.loss` on one packed batch: (loss, top-1 hits per set).
+    pairwise: the paper's softplus pairs + point_weight x BCE (eq. 5-7). listwise: softmax cross-entropy over each
+    set at `temperature`, + list_mix_pairwise x the pair term (margin) + list_mix_point x BCE."""
+    if cfg.loss == "pairwise":
+        return pairwise_rank_loss(scores, batch.labels, batch.group_offsets, margin=cfg.margin,
+                                  point_weight=cfg.point_weight)
+    if cfg.loss == "listwise":
+        return listwise_rank_loss(scores, batch.labels, batch.group_offsets, temperature=cfg.temperature,
+                                  pair_weight=cfg.list_mix_pairwise, point_weight=cfg.list_mix_point,
+                                  margin=cfg.margin)
+    raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
+
+
 def plain_step(accelerator: Accelerator, cfg: TrainConfig, model, optimizer, scheduler, batch):
     """One micro-batch of plain joint training: fused loss, one backward, clip + step on the sync boundary.
     (loss, hits). bench/bench_routing.py times this same function as its baseline."""
     with accelerator.accumulate(model), accelerator.autocast():
         scores = model(batch)
-        loss, hits = pairwise_rank_loss(scores, batch.labels, batch.group_offsets, margin=cfg.margin,
-                                        point_weight=cfg.point_weight)
+        loss, hits = rank_loss(cfg, scores, batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -206,7 +222,7 @@ def train(cfg: TrainConfig) -> dict:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     if cfg.routing:  # environment-aware LoRA routing (fastrank/routing/)
-        from fastrank.routing import build_model
+        from fastrank.routing.model import build_model  # the submodule: fastrank.routing's __init__ imports this one
 
         model = build_model(cfg)
     else:
@@ -217,6 +233,11 @@ def train(cfg: TrainConfig) -> dict:
     if not train_sets and cfg.epochs > 0:
         raise ValueError(f"no training sets for envs {cfg.envs} (fractions {cfg.train_fraction})")
     encoded = encode_sets(train_sets, model.tokenizer, model.featurizer, model.max_length)
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
+    if cfg.loss != "pairwise" and (cfg.routing or cfg.grad_projection != "none"):
+        raise ValueError(f"loss={cfg.loss!r} is only wired into the plain training step; routing / "
+                         f"grad_projection split the pairwise loss per environment (use loss=pairwise)")
     if cfg.packing not in ("packed", "padded"):
         raise ValueError(f"packing must be 'packed' or 'padded', got {cfg.packing!r}")
     collate = model.collator(packed=cfg.packing == "packed")
@@ -234,7 +255,7 @@ def train(cfg: TrainConfig) -> dict:
     raw_model: Reranker = accelerator.unwrap_model(model)
     router_step = None
     if cfg.routing or cfg.grad_projection != "none":  # routed / per-env projected step (fastrank/routing/)
-        from fastrank.routing import RoutedTrainStep
+        from fastrank.routing.train_step import RoutedTrainStep
 
         router_step = RoutedTrainStep(cfg, accelerator, model, raw_model, optimizer, scheduler)
     if cfg.tracker:
@@ -303,11 +324,14 @@ def train(cfg: TrainConfig) -> dict:
     results = {"config": to_dict(cfg), "train_sets": len(train_sets), "steps": step,
                "rank_param_checksums": rank_checksums,
                "train_seconds": round(train_time, 1), "history": hist.__dict__,
+               # candidates this run trained on (all ranks) and per second of the training loop (since resume)
+               "train_candidates": seen_cand * accelerator.num_processes,
+               "candidates_per_s": round(seen_cand * accelerator.num_processes / max(train_time, 1e-9), 2),
                "eval": evaluate(raw_model, evals, accelerator, cfg.max_tokens)}
     # Diagnostics: routing/projection history; a rising loss is reported loudly, never silently kept.
     if router_step is not None:
         results["routing_diagnostics"] = {"history": router_step.history, "totals": router_step.totals}
-    from fastrank.routing import report_divergence
+    from fastrank.routing.divergence import report_divergence
 
     report_divergence(results, steps_per_epoch, cfg.divergence_tol,
                       out if accelerator.is_main_process else None, accelerator.print)
@@ -318,15 +342,32 @@ def train(cfg: TrainConfig) -> dict:
         write_report(results, out)
     accelerator.wait_for_everyone()
     if cfg.tracker:
+        accelerator.log({f"eval/{mode}/{env}/net_gain": r["net_gain"] for mode, rep in results["eval"].items()
+                         for env, r in rep.items()}, step=step)
         accelerator.end_training()
     return results
+
+
+def summary_line(report: Path, results: dict) -> str:
+    """The recipe's last line: where the report is, the combined net gain per eval mode and the throughput."""
+    if "aggregate" in results:  # several seeds: mean +- std, mean throughput
+        gains = [f"{m} {a['combined']['net_gain_mean']:+.3f}±{a['combined']['net_gain_std']:.3f}"
+                 for m, a in results["aggregate"].items() if "combined" in a]
+        rates = [r.get("candidates_per_s") for r in results["seeds"].values()]
+        rate = sum(rates) / len(rates) if rates and None not in rates else None
+    else:
+        gains = [f"{m} {r['combined']['net_gain']:+.3f}" for m, r in results["eval"].items() if "combined" in r]
+        rate = results.get("candidates_per_s")
+    gain_txt = ", ".join(gains) if gains else "no eval"
+    rate_txt = f"{rate:.1f} candidates/s" if rate is not None else "throughput n/a"
+    return f"report: {report} | net gain (combined) {gain_txt} | {rate_txt}"
 
 
 def run_recipe(cfg: TrainConfig) -> dict:
     """What every recipe script does: train (once, or once per seed and aggregate) and say where the report is."""
     if not cfg.seeds:
         results = train(cfg)
-        print(f"report: {Path(cfg.output_dir) / 'report.md'}")
+        print(summary_line(Path(cfg.output_dir) / "report.md", results))
         return results
     from fastrank.metrics import aggregate_seeds
     from fastrank.report import write_seed_report
@@ -337,5 +378,5 @@ def run_recipe(cfg: TrainConfig) -> dict:
                                                output_dir=str(Path(cfg.output_dir) / f"seed_{seed}")))
     agg = {mode: aggregate_seeds([r["eval"][mode] for r in runs.values()]) for mode in runs[cfg.seeds[0]]["eval"]}
     path = write_seed_report(agg, runs, Path(cfg.output_dir))
-    print(f"report: {path}")
+    print(summary_line(path, {"seeds": runs, "aggregate": agg}))
     return {"seeds": runs, "aggregate": agg}

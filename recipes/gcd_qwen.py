@@ -15,8 +15,16 @@ Writes <output_dir>/report.md (success on L0/L1/L2, judge accuracy, repeated/loo
 length), results.json, the LoRA adapters in model/, every rollout in episodes/ and every evaluation's
 episodes in eval/ (the input of `fastrank gcd coupling`).
 """
+from fastrank.entry import run_entry
 from fastrank.gcd.config import recipe_config
-from fastrank.gcd.trainer import run
+
+
+def main(argv: list[str]) -> None:
+    cfg = recipe_config(__file__, argv, default="gcd.yaml")
+    from fastrank.gcd.trainer import run  # imported after the config: --help and config errors need no torch
+
+    run(cfg)
+
 
 if __name__ == "__main__":
-    run(recipe_config(__file__, default="gcd.yaml"))
+    run_entry(main)

@@ -9,13 +9,19 @@ per environment for both arms, per-seed values, and the seeds whose training los
     accelerate launch recipes/router_pcgrad.py seeds=[123] router_warmup_steps=0     # key=value overrides
     accelerate launch recipes/router_pcgrad.py --no-baseline                     # routed runs only
 """
-import sys
-
 from fastrank.config import recipe_config
-from fastrank.routing import run_comparison
+from fastrank.entry import run_entry
+
+FLAGS = {"--no-baseline": "train the routed runs only, not the plain joint baseline"}
+
+
+def main(argv: list[str]) -> None:
+    baseline = "--no-baseline" not in argv
+    cfg = recipe_config(__file__, [a for a in argv if a != "--no-baseline"], flags=FLAGS)
+    from fastrank.routing import run_comparison  # imported after the config: --help and config errors need no torch
+
+    run_comparison(cfg, baseline=baseline)
+
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    baseline = "--no-baseline" not in argv
-    argv = [a for a in argv if a != "--no-baseline"]
-    run_comparison(recipe_config(__file__, argv), baseline=baseline)
+    run_entry(main)

@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from fastrank.data import alfworld as alf
+from fastrank.data.alfworld import replay as alf_replay
 from fastrank.data.record import Step, read_records, write_records
 from fastrank.envs import alfworld as alfenv
 from fastrank.envs.alfworld import GameInfo
@@ -107,7 +108,7 @@ def test_cache_torn_tail_is_cut(tmp_path):
     cache = tmp_path / "episodes.jsonl"
     good = json.dumps({"episode_id": "alfworld/train/a/trial_T1_1_1", "status": "won", "steps": []}) + "\n"
     cache.write_text(good + '{"episode_id": "alfworld/train/b/tr')
-    done = alf._read_cache(cache)
+    done = alf_replay._read_cache(cache)
     assert list(done) == ["alfworld/train/a/trial_T1_1_1"]
     assert cache.read_text() == good  # appending after the cut gives valid JSONL again
 
@@ -284,7 +285,7 @@ def test_pool_survives_a_dying_worker():
     jobs = [(f"/nowhere/train/pick_and_place_simple-{x}/trial_T1_1_{i}/game.tw-pddl", 50, 0)
             for i, x in enumerate("abcd")]
     got = []
-    alf._run_pool(jobs, 2, "spawn", got.append, fn=_die_on_b)
+    alf_replay._run_pool(jobs, 2, "spawn", got.append, fn=_die_on_b)
     assert len(got) == 4  # each game recorded exactly once
     status = {r["episode_id"].split("/")[2]: r["status"] for r in got}
     assert status == {"pick_and_place_simple-a": "won", "pick_and_place_simple-b": "crashed",

@@ -315,7 +315,13 @@ def test_tiny_packed_matches_unpacked(minilm, encoded, kind):  # all 24 candidat
     assert model.packing == ("bert" if kind == "roberta" else "deberta-v2")
     _check_exact(model, encoded, [model.collator(), PackedCollator(row_len=256), PackedCollator(row_len=1024),
                                   PaddedCollator()])
-    if kind != "roberta":  # negative control
+    if kind != "roberta":
+        if model.varlen:  # disentangled-flash installed: check the row + block-mask fallback too
+            torch.manual_seed(1)
+            model = Reranker.from_config(_tiny(kind, minilm.tokenizer), minilm.tokenizer, packed_attention="mask")
+            model.eval()
+            _check_exact(model, encoded, [PackedCollator(row_len=256), PackedCollator(row_len=1024)])
+        # negative control (the block-mask path reads segment_ids)
         batch = PackedCollator(row_len=512)(encoded)
         diff = (_first_token_states(model, _merged_segments(batch)) - _first_token_states(model, batch)).abs()
         assert diff.max() > 1e-3

@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from fastrank.ops import TaskGradBuffer, grads_to_params, project_gradients, project_gradients_reference
-from fastrank.ops.project_gradients import (
-    _cagrad_simplex_reference,
-    _combine,
-    all_reduce_task_grads,
-    cagrad_objective,
-    draw_pcgrad_orders,
-    gram_matrix,
-    task_weights,
-)
+from fastrank.ops.project_gradients import _combine, draw_pcgrad_orders, gram_matrix, task_weights
+from fastrank.ops.project_gradients_reference import _cagrad_simplex_reference, cagrad_objective
+from fastrank.ops.task_grad_buffer import all_reduce_task_grads
 
 BACKENDS = ["torch", "triton"]
 

@@ -1,6 +1,6 @@
 """Data-parallel gradient surgery: 2 CPU processes over gloo == 1 process on the concatenated data.
 
-Protocol under test (module docstring of fastrank.ops.project_gradients): per-task backward into a TaskGradBuffer
+Protocol under test (module docstrings of fastrank.ops.project_gradients and .task_grad_buffer): per-task backward into a TaskGradBuffer
 without gradient sync, ONE all-reduce (average) of the (T, P) buffer, then project_gradients on every rank with
 an identically seeded generator. Projecting per rank and averaging the results is NOT equivalent (nonlinear).
 """
@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastrank.ops import TaskGradBuffer, project_gradients
-from fastrank.ops.project_gradients import all_reduce_task_grads
+from fastrank.ops.task_grad_buffer import all_reduce_task_grads
 
 T, N, WORLD, SEED = 4, 32, 2, 1234
 METHODS = ("pcgrad", "cagrad", "mean")

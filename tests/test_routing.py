@@ -476,6 +476,27 @@ def test_save_load_round_trip_identical_scores(tok, sets, tmp_path):
         RoutedReranker.from_pretrained(plain)
 
 
+def test_base_class_dispatch_needs_no_routing_import(tok, tmp_path):
+    """fastrank.model does not import fastrank.routing (no cycle), yet a routed checkpoint loaded through
+    the base class in a process that never imported routing comes back routed; so do folders written
+    before fastrank.json recorded the class; a class outside fastrank is refused."""
+    path = _model(tok).save_pretrained(tmp_path / "routed")
+    meta = json.loads((path / "fastrank.json").read_text())
+    assert meta["class"] == "fastrank.routing.model:RoutedReranker"
+    code = ("import sys; from fastrank.model import Reranker; assert 'fastrank.routing' not in sys.modules; "
+            f"print(type(Reranker.from_pretrained({str(path)!r})).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "RoutedReranker"
+    old = {k: v for k, v in meta.items() if k != "class"}
+    (path / "fastrank.json").write_text(json.dumps(old))
+    assert isinstance(Reranker.from_pretrained(path), RoutedReranker)
+    (path / "fastrank.json").write_text(json.dumps({**meta, "class": "os:system"}))
+    with pytest.raises(ValueError, match="not a fastrank Reranker class"):
+        Reranker.from_pretrained(path)
+
+
 # ------------------------------------------------------------------------------------------- divergence
 def test_divergence_detector_on_crafted_histories():
     def epochs(means, per=20, noise=0.02, seed=0):

@@ -9,33 +9,27 @@ bars and append finished episodes to caches under --cache, so an interrupted bui
 from __future__ import annotations
 
 import argparse
-import os
 from collections import Counter
 from pathlib import Path
 
 from fastrank.data.bundle import BUNDLED_DIR, write_dataset
 from fastrank.data.record import Step
-
-
-def shared_data_dir() -> Path:
-    """`$FASTRANK_SHARED_DATA`, else the `shared/data` folder beside the repository checkout."""
-    env = os.environ.get("FASTRANK_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+from fastrank.paths import shared_data_dir
 
 
 def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--envs", nargs="+", default=["alfworld", "scienceworld", "webshop"],
-                   choices=["alfworld", "scienceworld", "webshop"])
+                   choices=["alfworld", "scienceworld", "webshop"], help="environments to build")
     p.add_argument("--shared", type=Path, default=None, help="the shared data dir (default: $FASTRANK_SHARED_DATA "
                    "or ../shared/data beside the checkout)")
     p.add_argument("--out", type=Path, default=BUNDLED_DIR, help="dataset directory to write")
     p.add_argument("--cache", type=Path, default=Path("build_cache"), help="resumable per-episode caches")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="worker processes for the simulator replays")
     p.add_argument("--seed", type=int, default=42, help="split and negative-sampling seed")
     p.add_argument("--replay-seed", type=int, default=0,
                    help="which games/variations are replayed and the experts' RNG (part of the cache key)")
-    p.add_argument("--eval-frac", type=float, default=0.2)
-    p.add_argument("--test-frac", type=float, default=0.3)
+    p.add_argument("--eval-frac", type=float, default=0.2, help="share of the episodes held out for evaluation")
+    p.add_argument("--test-frac", type=float, default=0.3, help="share of the rest (after eval) held out as the test split")
     p.add_argument("--alfworld-games", type=int, default=250, help="train games to replay the expert on")
     p.add_argument("--alfworld-gt-traj", action="store_true",
                    help="also add the released gt_traj trajectories (60k steps, no admissible lists)")
@@ -48,6 +42,9 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scienceworld-valid-sample", type=int, default=50,
                    help="valid actions kept per step (the simulator lists ~1900)")
     p.add_argument("--webshop-il-trajs", default=None, help="official il_trajs_finalized_images.jsonl, if you have it")
+    p.add_argument("--no-webshop-clicks", dest="webshop_clicks", action="store_false",
+                   help="leave out the click states of the expert in fastrank's WebShop environment "
+                        "(they need the `webshop` extra)")
 
 
 def alfworld_steps(args: argparse.Namespace, shared: Path) -> tuple[list[Step], dict]:
@@ -96,7 +93,15 @@ def scienceworld_steps(args: argparse.Namespace, shared: Path) -> tuple[list[Ste
 def webshop_steps(args: argparse.Namespace, shared: Path) -> tuple[list[Step], dict]:
     from fastrank.data import webshop
 
-    return webshop.build_steps(shared / "webshop", il_trajs=args.webshop_il_trajs)
+    steps, report = webshop.build_steps(shared / "webshop", il_trajs=args.webshop_il_trajs)
+    if args.webshop_clicks:
+        # Click states from our WebShop environment (test goals -> eval, leak-free goals -> train/test).
+        from fastrank.data.webshop_clicks import build_click_steps
+
+        clicks, click_report = build_click_steps(test_frac=args.test_frac, seed=args.seed)
+        steps = steps + clicks
+        report = {"search_queries": report, "clicks": click_report}
+    return steps, report
 
 
 BUILDERS = {"alfworld": alfworld_steps, "scienceworld": scienceworld_steps, "webshop": webshop_steps}

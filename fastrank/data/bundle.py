@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 from fastrank.data.negatives import MODES, ActionPool, make_candidate_sets
 from fastrank.data.record import ENVS, CandidateSet, DataError, Step, read_records, write_records
-from fastrank.data.splits import SPLITS, split_episodes
+from fastrank.data.splits import SPLITS, assert_disjoint, dedup_key, split_episodes
 
 BUNDLED_DIR = Path(__file__).with_name("bundled")
 
@@ -38,9 +38,14 @@ def write_dataset(steps_by_env: dict[str, Sequence[Step]], out_dir: str | os.Pat
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest: dict = {"seed": seed, "envs": {}, "sources": sources or {}}
+    # Rebuilding some environments (`--envs webshop`) keeps the other environments' files and entries.
+    old = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    manifest: dict = {"seed": seed,
+                      "envs": {k: v for k, v in old.get("envs", {}).items() if k not in steps_by_env},
+                      "sources": {**{k: v for k, v in old.get("sources", {}).items() if k not in steps_by_env},
+                                  **(sources or {})}}
     for env, steps in sorted(steps_by_env.items()):
-        splits, split_report = split_episodes(steps, seed=seed, eval_frac=eval_frac, test_frac=test_frac)
+        splits, split_report = _split(steps, seed=seed, eval_frac=eval_frac, test_frac=test_frac)
         env_report: dict = {"split": split_report, "files": {}}
         for split, split_steps in splits.items():
             pool = ActionPool.from_steps(split_steps)
@@ -54,6 +59,29 @@ def write_dataset(steps_by_env: dict[str, Sequence[Step]], out_dir: str | os.Pat
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, out / "manifest.json")
     return manifest
+
+
+def _split(steps: Sequence[Step], **kw) -> tuple[dict[str, list[Step]], dict]:
+    """`split_episodes`, except for steps whose builder fixed the split (`meta["split"]`, e.g. WebShop's
+    test goals): those keep it. Fixed eval states that duplicate a train state are still removed."""
+    fixed = [s for s in steps if s.meta.get("split")]
+    splits, report = split_episodes([s for s in steps if not s.meta.get("split")], **kw)
+    if not fixed:
+        return splits, report
+    bad = sorted({str(s.meta["split"]) for s in fixed} - set(SPLITS))
+    if bad:
+        raise ValueError(f"unknown fixed split(s) {bad}; expected one of {SPLITS}")
+    for s in fixed:
+        splits[s.meta["split"]].append(s)
+    train_keys = {dedup_key(s) for s in splits["train"]}
+    n_eval = len(splits["eval"])
+    splits["eval"] = [s for s in splits["eval"] if s.meta.get("split") != "eval" or dedup_key(s) not in train_keys]
+    assert_disjoint(splits)
+    report["eval_removed_as_duplicates_of_train"] += n_eval - len(splits["eval"])
+    report["fixed_split_states"] = dict(sorted(Counter(s.meta["split"] for s in fixed).items()))
+    report["states"] = {k: len(v) for k, v in splits.items()}
+    report["episodes"] = {k: len({s.episode_id for s in v}) for k, v in splits.items()}
+    return splits, report
 
 
 def load_dataset(root: str | os.PathLike, env: str, split: str, mode: str = "sampled", **read_kw) -> list[CandidateSet]:

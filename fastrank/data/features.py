@@ -4,7 +4,11 @@
 
 psi gives word-level lexical alignment between the state text and the action: Jaccard coefficient,
 token coverage both ways, and bigram overlap. The state is goal + observation (the paper's Figure 1
-combines both). The featurizer returns the text as two parts, (state, action+features), so that a
+combines both). The ``history`` mode (not in the paper) adds a compact summary of the episode so far
+(`fastrank.data.history`) after the observation and drops the psi features (the shared-prefix encoder
+reads the action against the whole state anyway, and every feature token is paid per candidate).
+
+The featurizer returns the text as two parts, (state, action+features), so that a
 tokenizer can truncate only the state (`truncation="only_first"`) and never cut the action or the
 features off a long observation.
 """
@@ -14,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 _WORD = re.compile(r"[a-z0-9]+")
-FEATURE_MODES = ("state_action_overlap", "state_action")
+FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 
 
 def words(text: str) -> list[str]:
@@ -46,8 +50,20 @@ class Featurizer:
         if self.mode not in FEATURE_MODES:
             raise ValueError(f"unknown feature mode {self.mode!r}; expected one of {FEATURE_MODES}")
 
-    def state_text(self, goal: str, observation: str) -> str:
-        return f"state: goal: {goal.strip()} observation: {observation.strip()}"
+    @property
+    def uses_history(self) -> bool:
+        return self.mode == "history"
+
+    def state_text(self, goal: str, observation: str, history=None) -> str:
+        """The state part. In ``history`` mode the summary comes last and newest first, so right-truncation
+        drops the oldest history first; other modes ignore `history` (old checkpoints keep working)."""
+        text = f"state: goal: {goal.strip()} observation: {observation.strip()}"
+        if self.uses_history:
+            from fastrank.data.history import summarize_history
+
+            summary = history if isinstance(history, str) else summarize_history(history)
+            text += f" history: {summary or 'none'}"
+        return text
 
     def action_text(self, goal: str, observation: str, action: str) -> str:
         text = f"action: {action.strip()}"
@@ -56,9 +72,10 @@ class Featurizer:
             text += "\nfeatures: " + " ".join(f"{k}={v:.2f}" for k, v in f.items())
         return text
 
-    def pairs(self, goal: str, observation: str, candidates: list[str]) -> list[tuple[str, str]]:
-        """One (state, action+features) text pair per candidate."""
-        state = self.state_text(goal, observation)
+    def pairs(self, goal: str, observation: str, candidates: list[str], history=None) -> list[tuple[str, str]]:
+        """One (state, action+features) text pair per candidate; `history`: (action, observation) pairs
+        of the episode so far, or their summary text (used by the ``history`` mode only)."""
+        state = self.state_text(goal, observation, history)
         return [(state, self.action_text(goal, observation, a)) for a in candidates]
 
     def to_dict(self) -> dict:

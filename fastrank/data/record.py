@@ -63,6 +63,8 @@ class CandidateSet:
     expert_index: int
     sources: list[str]  # one per candidate, from SOURCES
     copy: int = 0  # upsampling copy index (0 = the original)
+    # the episode so far as [action, observation] pairs (agent data; None for the paper's per-step sets)
+    history: list[list[str]] | None = None
 
     @property
     def expert_action(self) -> str:
@@ -85,6 +87,8 @@ class CandidateSet:
             raise ValueError(f"unknown candidate source(s) {bad}; known: {list(SOURCES)}")
         if any(not isinstance(c, str) or not c.strip() for c in self.candidates):
             raise ValueError("empty candidate action")
+        if self.history is not None and any(not isinstance(t, (list, tuple)) or len(t) != 2 for t in self.history):
+            raise ValueError("history must be a list of [action, observation] pairs")
         dup = [c for c, k in Counter(self.candidates).items() if k > 1]
         if dup:
             raise ValueError(f"duplicate candidate(s) {dup[:3]}")

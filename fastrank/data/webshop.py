@@ -1,6 +1,8 @@
-"""WebShop expert `Step`s from the real data that is available without the simulator.
+"""WebShop search-query `Step`s (and demonstration states) from the human data in shared/data/webshop.
 
-The WebShop simulator and its product catalog cannot run here, so the builder uses what is real:
+The click states on real pages come from a separate source, `fastrank.data.webshop_clicks` (the expert in
+our WebShop environment over the 1000-product catalog). This module reads the human data, which is on
+the full catalog that the environment does not have:
 
 1. **Query-selection states** from `goal_query_map.json` (1,506 human instructions -> the search
    queries humans typed for them in the demonstrations). One Step per (goal, distinct query): the
@@ -78,7 +80,7 @@ DETAIL_TABS = ("description", "features", "reviews", "attributes")
 
 def default_data_dir() -> Path:
     """`shared_data_dir() / "webshop"`."""
-    from fastrank.data.build import shared_data_dir
+    from fastrank.paths import shared_data_dir
 
     return shared_data_dir() / "webshop"
 

@@ -34,108 +34,41 @@ strings with the same template and objects are the aliases; the first one is the
 When the input is ambiguous, the option the agent will pick (default 0) is the one resolved.
 `normalize_action` is a string-only fallback for data without a live simulator (documented there).
 
+The task list, names and splits are in `fastrank.envs.scienceworld_tasks`, the admissible-list policy and
+the string-only alias fallback in `fastrank.envs.scienceworld_actions`; both are re-exported here.
+
 Task splits: `eto_split_pairs(split)` reads ETO's (task, variation) index files; `task_level(task)`
 gives the GCD paper's out-of-domain split: "L2" = the final task type of each of the 10 topics
 (task ids 1-4, 2-3, 3-4, 4-4, 5-2, 6-3, 7-3, 8-2, 9-3, 10-2), "L0/L1" for the other 20.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from fastrank.envs.base import EnvState
-
-# (task id, canonical name), in the simulator's order. Task id "T-k": topic T, k-th task type.
-TASKS: tuple[tuple[str, str], ...] = (
-    ("1-1", "boil"), ("1-2", "melt"), ("1-3", "freeze"), ("1-4", "change-the-state-of-matter-of"),
-    ("2-1", "use-thermometer"), ("2-2", "measure-melting-point-known-substance"),
-    ("2-3", "measure-melting-point-unknown-substance"),
-    ("3-1", "power-component"), ("3-2", "power-component-renewable-vs-nonrenewable-energy"),
-    ("3-3", "test-conductivity"), ("3-4", "test-conductivity-of-unknown-substances"),
-    ("4-1", "find-living-thing"), ("4-2", "find-non-living-thing"), ("4-3", "find-plant"),
-    ("4-4", "find-animal"),
-    ("5-1", "grow-plant"), ("5-2", "grow-fruit"),
-    ("6-1", "chemistry-mix"), ("6-2", "chemistry-mix-paint-secondary-color"),
-    ("6-3", "chemistry-mix-paint-tertiary-color"),
-    ("7-1", "lifespan-longest-lived"), ("7-2", "lifespan-shortest-lived"),
-    ("7-3", "lifespan-longest-lived-then-shortest-lived"),
-    ("8-1", "identify-life-stages-1"), ("8-2", "identify-life-stages-2"),
-    ("9-1", "inclined-plane-determine-angle"), ("9-2", "inclined-plane-friction-named-surfaces"),
-    ("9-3", "inclined-plane-friction-unnamed-surfaces"),
-    ("10-1", "mendelian-genetics-known-plant"), ("10-2", "mendelian-genetics-unknown-plant"),
+from fastrank.envs.scienceworld_actions import (  # re-exported (__all__): callers import them from here
+    action_verb,
+    bounded_admissible,
+    dedupe,
+    normalize_action,
+    remove_aliases,
+    stable_seed,
 )
-TASK_NAMES: tuple[str, ...] = tuple(name for _, name in TASKS)
-TASK_ID: dict[str, str] = {name: tid for tid, name in TASKS}
-
-
-def _last_of_topic() -> frozenset[str]:
-    last: dict[str, tuple[int, str]] = {}
-    for tid, name in TASKS:
-        topic, k = tid.split("-")
-        if topic not in last or int(k) > last[topic][0]:
-            last[topic] = (int(k), name)
-    return frozenset(name for _, name in last.values())
-
-
-L2_TASKS: frozenset[str] = _last_of_topic()
-
-
-def canonical_task_name(name: str) -> str:
-    """The simulator's task name for any spelling in use: "task-2a-test-conductivity-of-unknown-
-    substances" (ETO), "measure-melting-point-(known-substance)", task ids ("1-1"), canonical names.
-    Mirrors `scienceworld.utils.infer_task` without importing the simulator."""
-    name = name.strip()
-    if name in TASK_ID:
-        return name
-    ids = {tid: n for tid, n in TASKS}
-    if name in ids:
-        return ids[name]
-    out = name.replace("mendellian", "mendelian")
-    out = re.sub(r"task-(\d|a|b)+-|[()]", "", out)
-    if out not in TASK_ID:
-        raise ValueError(f"unknown ScienceWorld task {name!r}")
-    return out
-
-
-def task_topic(task: str) -> int:
-    return int(TASK_ID[canonical_task_name(task)].split("-")[0])
-
-
-def task_level(task: str) -> str:
-    """"L2" for the out-of-domain task types (the last of each topic), else "L0/L1"."""
-    return "L2" if canonical_task_name(task) in L2_TASKS else "L0/L1"
-
-
-# ----------------------------------------------------------------------------------------- splits
-
-def shared_data_dir() -> Path:
-    """$FASTRANK_SHARED_DATA, else <repo>/../shared/data (one definition: fastrank.data.build)."""
-    from fastrank.data.build import shared_data_dir as _shared
-
-    return _shared()
-
-
-def eto_split_pairs(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[tuple[str, int]]:
-    """ETO's (task, variation) pairs for split train/dev/test, task names canonicalised, file order."""
-    if split not in ("train", "dev", "test"):
-        raise ValueError(f"split must be train, dev or test, got {split!r}")
-    root = Path(data_dir) if data_dir is not None else shared_data_dir()
-    path = root / "scienceworld" / f"eto_sciworld_{split}_indices.json"
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    out = []
-    for item in raw:
-        if not (isinstance(item, (list, tuple)) and len(item) == 2):
-            raise ValueError(f"{path}: expected [task, variation] pairs, got {item!r}")
-        out.append((canonical_task_name(str(item[0])), int(item[1])))
-    return out
+from fastrank.envs.scienceworld_tasks import (
+    L2_TASKS,
+    TASK_ID,
+    TASK_NAMES,
+    TASKS,
+    canonical_task_name,
+    eto_split_pairs,
+    task_level,
+    task_topic,
+)
+from fastrank.paths import shared_data_dir
 
 
 def simulator_split_variations(tasks: Iterable[str], split: str = "train", env: "ScienceWorldEnv | None" = None
@@ -160,132 +93,6 @@ def simulator_split_variations(tasks: Iterable[str], split: str = "train", env: 
     finally:
         if own:
             env.close()
-
-
-# ------------------------------------------------------------------------ admissible-list policy
-
-_TWO_WORD_VERBS = ("look at", "look in", "look around", "pick up", "put down", "focus on", "reset task")
-
-
-def action_verb(action: str) -> str:
-    """The verb key used to stratify: "look at", "pick up", "connect", "go", "wait1", ..."""
-    a = " ".join(action.lower().split())
-    for v in _TWO_WORD_VERBS:
-        if a == v or a.startswith(v + " "):
-            return v
-    return a.split(" ", 1)[0] if a else ""
-
-
-def dedupe(actions: Iterable[str]) -> list[str]:
-    """Drop empty strings and repeated strings (whitespace-normalised), keeping first occurrences."""
-    seen: set[str] = set()
-    out = []
-    for a in actions:
-        key = " ".join(str(a).split())
-        if key and key not in seen:
-            seen.add(key)
-            out.append(key)
-    return out
-
-
-def _as_rng(rng: random.Random | int | None) -> random.Random:
-    return rng if isinstance(rng, random.Random) else random.Random(rng)
-
-
-def bounded_admissible(
-    valid: Iterable[str],
-    k: int,
-    rng: random.Random | int | None = 0,
-    must_include: Iterable[str] = (),
-    strategy: str = "stratified",
-) -> list[str]:
-    """A deduplicated, capped sample of a valid-action list.
-
-    Policy: strings are deduplicated (whitespace-normalised); every `must_include` action is kept
-    (even when absent from `valid`, e.g. an expert action the simulator accepts but does not list);
-    the remaining `k - len(must_include)` slots are filled from the other valid actions by
-    - "stratified" (default): group by verb (`action_verb`), shuffle each group and the group order
-      with `rng`, then take one action per group in turn. The raw list is ~70 % `connect`/`pour`/
-      `move` combinations; this keeps rare but meaningful verbs (go, open, focus on, look at, ...).
-    - "uniform": a plain `rng.sample`.
-    The result is sorted alphabetically, so an action's position carries no information about
-    whether it was forced in. Deterministic given the rng seed. Raises if must_include exceeds k.
-    """
-    if k < 0:
-        raise ValueError("k must be >= 0")
-    must = dedupe(must_include)
-    if len(must) > k:
-        raise ValueError(f"{len(must)} must_include actions exceed the cap k={k}")
-    must_set = set(must)
-    rest = [a for a in dedupe(valid) if a not in must_set]
-    budget = k - len(must)
-    r = _as_rng(rng)
-    if budget >= len(rest):
-        chosen = rest
-    elif strategy == "uniform":
-        chosen = r.sample(rest, budget)
-    elif strategy == "stratified":
-        groups: dict[str, list[str]] = defaultdict(list)
-        for a in rest:
-            groups[action_verb(a)].append(a)
-        keys = sorted(groups)
-        r.shuffle(keys)
-        for key in keys:
-            r.shuffle(groups[key])
-        chosen, depth = [], 0
-        while len(chosen) < budget:
-            for key in keys:
-                if depth < len(groups[key]):
-                    chosen.append(groups[key][depth])
-                    if len(chosen) == budget:
-                        break
-            depth += 1
-    else:
-        raise ValueError(f"unknown strategy {strategy!r}")
-    return sorted(must + list(chosen))
-
-
-def stable_seed(*parts: object) -> int:
-    """A process-independent 63-bit seed from arbitrary parts (Python's hash() is salted)."""
-    h = hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "little") >> 1
-
-
-# ----------------------------------------------------------------------- string-only alias fallback
-
-_DOOR_TO = re.compile(r"\bdoor to (?P<place>[a-z ]+?)(?= (?:to|in|into|on)\b|$)")
-
-
-def normalize_action(action: str) -> str:
-    """A string-only normal form for spotting aliases where no simulator state is at hand
-    (the shared gold files). It folds the alias patterns seen in gold paths:
-    lower case / whitespace; `examine X` -> `look at X`; `drop X` -> `put down X`;
-    ` into ` -> ` in ` (pour/dunk);
-    `door to <place>` -> `<place> door`; and drops the ` in inventory` container qualifier.
-    Used on top of the exact aliases, it may also drop a *different* object's action that only
-    differs by that qualifier (a second thermometer in the room): one distractor fewer, never a
-    duplicate of the expert.
-    It cannot resolve location qualifiers (`cup containing paint in art studio`) or referent
-    synonyms (`substance` vs `water`, `seed jar` vs `ceramic cup`): on 747 aliased gold actions
-    of a simulator build it agrees with the parser on 2/3 only. The simulator-backed
-    `ScienceWorldEnv.resolve_action` is exact and is what the builder uses."""
-    a = " ".join(action.lower().split())
-    if a.startswith("examine "):
-        a = "look at " + a[len("examine "):]
-    elif a.startswith("drop "):
-        a = "put down " + a[len("drop "):]
-    a = re.sub(r" in inventory\b", "", a)  # before `into` -> `in`: "pour x into inventory" stays
-    a = a.replace(" into ", " in ")
-    a = _DOOR_TO.sub(lambda m: f"{m.group('place')} door", a)
-    return a
-
-
-def remove_aliases(actions: Iterable[str], expert: str, aliases: Iterable[str] = ()) -> list[str]:
-    """`actions` deduplicated, minus every string equivalent to `expert`: the expert itself, the
-    known `aliases` (e.g. from `resolve_action`), and anything with the same `normalize_action`."""
-    banned = {" ".join(expert.split())} | {" ".join(a.split()) for a in aliases}
-    banned_norm = {normalize_action(a) for a in banned}
-    return [a for a in dedupe(actions) if a not in banned and normalize_action(a) not in banned_norm]
 
 
 # ------------------------------------------------------------------------------------ the wrapper
@@ -550,3 +357,10 @@ def _parse_task_arg(task: object) -> tuple[str, int]:
     if isinstance(task, Sequence) and len(task) == 2:
         return canonical_task_name(str(task[0])), int(task[1])
     raise TypeError(f"task must be (name, variation), a dict or 'name/variation', got {task!r}")
+
+
+__all__ = [
+    "L2_TASKS", "TASKS", "TASK_ID", "TASK_NAMES", "Resolution", "ScienceWorldEnv", "action_verb", "bounded_admissible",
+    "canonical_task_name", "dedupe", "eto_split_pairs", "normalize_action", "remove_aliases", "shared_data_dir",
+    "simulator_split_variations", "stable_seed", "task_level", "task_topic",
+]

@@ -34,10 +34,14 @@ def _cmd_coupling(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from fastrank.config import check_paths, display_path
     from fastrank.gcd.config import load_config
-    from fastrank.gcd.trainer import run
 
-    run(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    check_paths(cfg, display_path(args.config))
+    from fastrank.gcd.trainer import run  # after the config is checked: a typo fails before torch loads
+
+    run(cfg)
     return 0
 
 
@@ -54,19 +58,23 @@ def add_gcd_args(subparsers) -> argparse.ArgumentParser:
                     help="episode JSONL files (the trainer's eval/*.jsonl or episodes/*.jsonl)")
     co.add_argument("--out", required=True, help="output folder for coupling.{md,png,json}")
     co.add_argument("--param-filter", default=None, help="regex on parameter names (default: trainable params)")
-    co.add_argument("--max-per-population", type=int, default=64)
-    co.add_argument("--batch-size", type=int, default=4)
-    co.add_argument("--id-levels", default="L0,L1")
-    co.add_argument("--ood-levels", default="L2")
-    co.add_argument("--temperature", type=float, default=1.0)
-    co.add_argument("--device", default=None)
-    co.add_argument("--seed", type=int, default=0)
-    co.add_argument("--title", default=None)
+    co.add_argument("--max-per-population", type=int, default=64, help="samples drawn per population")
+    co.add_argument("--batch-size", type=int, default=4, help="sequences per backward pass")
+    co.add_argument("--id-levels", default="L0,L1", help="task levels of the in-domain populations")
+    co.add_argument("--ood-levels", default="L2", help="task levels of the out-of-domain population")
+    co.add_argument("--temperature", type=float, default=1.0, help="policy temperature the log-probs are taken at")
+    co.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    co.add_argument("--seed", type=int, default=0, help="seeds the choice of samples per population")
+    co.add_argument("--title", default=None, help="report title (default: the checkpoint)")
     co.set_defaults(func=_cmd_coupling)
 
-    tr = sub.add_parser("train", help="run a GCD recipe config (like recipes/gcd_qwen.py)")
-    tr.add_argument("--config", required=True)
-    tr.add_argument("overrides", nargs="*", help="key=value config overrides")
+    from fastrank.config import config_help
+    from fastrank.gcd.config import GCDConfig
+
+    tr = sub.add_parser("train", help="run a GCD recipe config (like recipes/gcd_qwen.py)",
+                        epilog=config_help(GCDConfig))
+    tr.add_argument("--config", required=True, help="a GCD YAML config (recipes/gcd*.yaml)")
+    tr.add_argument("overrides", nargs="*", help="key=value config overrides (the keys below)")
     tr.set_defaults(func=_cmd_train)
     return gcd
 

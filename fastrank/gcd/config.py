@@ -29,92 +29,92 @@ class GCDConfig:
     eval_split: str = "valid_seen"  # ALFWorld split for L1 / L2
     fill_missing: bool = False  # ScienceWorld: the 6 tasks ETO's indices lack (3 are L2), from the simulator
     max_admissible: int = 50  # ScienceWorld: bounded admissible list shown in the prompt
-    sw_step_limit: int = 100
+    sw_step_limit: int = 100  # ScienceWorld: the simulator's own step limit
     n_train_tasks: int | None = None  # RL pool size (None: all in-domain train tasks)
-    n_eval_tasks: int = 20  # per level
+    n_eval_tasks: int = 20  # evaluation tasks per level
     num_envs: int = 8  # episodes run side by side (per process)
     env_workers: bool = False  # one worker process per env (else all in this process)
     # ---- model
     model: str = "tiny"  # hub id / folder / "smollm2" / "tiny"
-    gguf_file: str | None = None
-    dtype: str = "auto"
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    lora_r: int = 16  # 0: full fine-tuning (not stated in the paper)
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target: list[str] | str = "all-linear"
-    gradient_checkpointing: bool = False
-    attn_implementation: str | None = None
+    gguf_file: str | None = None  # a GGUF file inside the model folder (dequantized on load)
+    dtype: str = "auto"  # model weights dtype: auto | float32 | bfloat16 | float16
+    load_in_4bit: bool = False  # load the policy in 4 bit (bitsandbytes; CUDA)
+    load_in_8bit: bool = False  # load the policy in 8 bit (bitsandbytes; CUDA)
+    lora_r: int = 16  # LoRA rank; 0: full fine-tuning (not stated in the paper)
+    lora_alpha: int = 32  # LoRA scale numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_target: list[str] | str = "all-linear"  # modules that get LoRA adapters (peft target_modules)
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, slower)
+    attn_implementation: str | None = None  # transformers attention (sdpa, eager, flash_attention_2); None: its default
     # ---- rollout
-    group_size: int = 8
-    tasks_per_update: int = 16
-    max_steps: int = 30
-    history_length: int = 2  # not stated; verl-agent's ALFWorld default
-    max_new_tokens: int = 512  # not stated
-    temperature: float = 1.0
-    top_p: float = 1.0
-    require_think: bool = True
-    inadmissible: str = "env"
+    group_size: int = 8  # rollouts per task: the GRPO group
+    tasks_per_update: int = 16  # tasks sampled per update
+    max_steps: int = 30  # agent turns per episode (valid or not)
+    history_length: int = 2  # past turns in the prompt (not stated; verl-agent's ALFWorld default)
+    max_new_tokens: int = 512  # token limit of one agent response (not stated)
+    temperature: float = 1.0  # sampling temperature of rollouts
+    top_p: float = 1.0  # nucleus sampling of rollouts
+    require_think: bool = True  # a response without <think> is malformed
+    inadmissible: str = "env"  # env: send an inadmissible action to the env | feedback: do not, say so
     invalid_penalty: float = 0.0  # paper: reward 1 / 0
-    gen_batch_size: int = 16
-    score_batch_size: int = 8
+    gen_batch_size: int = 16  # prompts generated together
+    score_batch_size: int = 8  # sequences per forward when scoring log-probs
     # ---- optimisation
-    updates: int = 150
-    lr: float = 1.0e-6
-    weight_decay: float = 0.0
+    updates: int = 150  # policy updates (one batch of tasks each)
+    lr: float = 1.0e-6  # learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
     optimizer: str = "adamw"  # adamw | adamw8bit
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
+    clip_eps: float = 0.2  # PPO ratio clip (low side; both sides without clip_eps_high)
+    clip_eps_high: float | None = None  # PPO ratio clip on the high side; None: clip_eps
     kl_coef: float = 0.0  # the paper does not use / mention a KL term
-    ppo_epochs: int = 1
-    micro_batch_size: int = 4
+    ppo_epochs: int = 1  # passes over each update's samples
+    micro_batch_size: int = 4  # sequences per forward/backward in the update
     # packed: a micro-batch's sequences concatenated into rows (one row under flash attention), logits only at
     # response tokens; padded: one left-padded row each. Same log-probs (tests/test_gcd_packing.py); the layout
     # of pi_old too. See fastrank/gcd/policy.py for when each is faster.
-    update_packing: str = "packed"
-    grad_clip: float = 1.0
-    adv_eps: float = 1.0e-6
+    update_packing: str = "packed"  # packed | padded: the update's micro-batch layout (see above)
+    grad_clip: float = 1.0  # max gradient norm per update
+    adv_eps: float = 1.0e-6  # added to the group std before dividing the advantages
     scale_adv: bool = True  # divide by the group std (GRPO); False: Dr. GRPO
     mixed_precision: str = "auto"  # auto: bf16 on a capable GPU else no | no | bf16 | fp16
     # ---- GCD (generative judging)
-    judge_samples: int = 30
-    judge_group: int = 8
+    judge_samples: int = 30  # steps judged per update
+    judge_group: int = 8  # judgments sampled per judged step: the GCD group
     gcd_coef: float = 1.0  # L = L_GRPO + gcd_coef * L_GCD (paper: 1)
-    judge_max_new_tokens: int = 512
+    judge_max_new_tokens: int = 512  # token limit of one judgment
     balance_labels: bool = True  # not stated: equal good / bad among judged samples when possible
     # External labeler for steps the repeat / success rules leave open (paper: DeepSeek-V3, 5 samples, used when
     # >= 4 agree). none: rules only | policy: the policy model itself | a hub id / folder of any HF causal LM (also
     # "smollm2", "tiny"), loaded frozen. It sees the critic prompt and votes with parsed verdicts.
-    labeler: str = "none"
-    labeler_samples: int = 5
+    labeler: str = "none"  # none | policy | a model (hub id / folder / smollm2 / tiny), see above
+    labeler_samples: int = 5  # verdicts sampled per open step
     labeler_min_agree: int = 4  # a strict majority of labeler_samples
-    labeler_max_new_tokens: int = 512
+    labeler_max_new_tokens: int = 512  # token limit of one labeler verdict
     labeler_temperature: float = 1.0  # 0: greedy (then labeler_samples must be 1)
     labeler_max_per_update: int | None = 32  # open steps sent per update (and per evaluation); None: all
     labeler_gguf_file: str | None = None  # separate labeler model only, as gguf_file / dtype / load_in_* above
-    labeler_dtype: str = "auto"
-    labeler_load_in_4bit: bool = False
-    labeler_load_in_8bit: bool = False
+    labeler_dtype: str = "auto"  # separate labeler: weights dtype
+    labeler_load_in_4bit: bool = False  # separate labeler: load in 4 bit
+    labeler_load_in_8bit: bool = False  # separate labeler: load in 8 bit
     # ---- GCD_sugg
-    sugg_refresh_every: int = 10
-    sugg_max_advice: int = 60
-    sugg_max_rules: int = 3
-    sugg_advice_from: str = "correct_bad"
-    sugg_max_new_tokens: int = 256
+    sugg_refresh_every: int = 10  # updates between refreshes of the suggestions
+    sugg_max_advice: int = 60  # advice sentences kept in the bank
+    sugg_max_rules: int = 3  # suggestions shown in the prompt
+    sugg_advice_from: str = "correct_bad"  # correct_bad (what to avoid) | correct | all: judgments advice is taken from
+    sugg_max_new_tokens: int = 256  # token limit of the suggestion summary
     # ---- evaluation and bookkeeping
     eval_every: int = 0  # 0: only before training and at the end
-    eval_before: bool = True
-    eval_greedy: bool = True
+    eval_before: bool = True  # evaluate once before the first update
+    eval_greedy: bool = True  # greedy decoding in evaluation
     eval_judge_samples: int = 30  # per level; judge accuracy (Table 4), 0 to skip
     coupling: bool = False  # run the gradient-coupling diagnostic on every evaluation's episodes
-    coupling_max_per_population: int = 32
-    seed: int = 42
-    output_dir: str = "runs/gcd"
+    coupling_max_per_population: int = 32  # episodes per population in the coupling diagnostic
+    seed: int = 42  # seeds task sampling, generation and initialisation
+    output_dir: str = "runs/gcd"  # where report.md, results.json, model/ and episodes go
     save_every: int = 0  # checkpoint every N updates (0: only at the end)
-    save_episodes: bool = True
-    resume: bool = False
-    log_every: int = 1
+    save_episodes: bool = True  # write every rollout to output_dir/episodes/
+    resume: bool = False  # continue from the last checkpoint in output_dir
+    log_every: int = 1  # updates between log lines
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -64,7 +64,7 @@ def env_factory(cfg: GCDConfig) -> EnvFactory:
 def task_splits(cfg: GCDConfig) -> dict[str, list[Task]]:
     if cfg.env == "alfworld":
         from fastrank.envs.alfworld import ensure_games
-        from fastrank.envs.scienceworld import shared_data_dir
+        from fastrank.paths import shared_data_dir
         from fastrank.gcd.tasks import alfworld_splits
 
         games = cfg.games or str(shared_data_dir() / "alfworld" / "json_2.1.1_games.tar.xz")

@@ -36,31 +36,21 @@ Measured on random, conflicting, rank-deficient and badly scaled problems, T = 2
 the optimum, relative to mean_i ||g_i||^2 (vs float64 Armijo solves stopped on a Frank-Wolfe duality gap, exact
 KKT enumeration of supports, brute force at T=2).
 
-Views. ``TaskGradBuffer(params, T)`` owns one zeroed (T, P) buffer. ``with buf.task(i): loss_i.backward()`` sets
-each ``p.grad`` to a *view* of its slice of row i, so autograd accumulates in place (no copy; rows accumulate
-until ``buf.zero_()``), and restores the previous ``p.grad`` on exit. ``grads_to_params(out, params)`` sets
-``p.grad`` to *views* of ``out`` (an in-place optimizer or ``zero_grad(set_to_none=False)`` then writes into
-``out``); ``copy=True`` copies into the existing ``p.grad`` instead. A dtype mismatch always copies.
-
-Multi-GPU / DDP. Projection is nonlinear: project(mean over ranks) != mean over ranks of project(.), and the Gram
-matrix of averaged gradients is not the average of per-rank Gram matrices. So: per-task backwards WITHOUT DDP's
-gradient sync (``model.no_sync()`` / ``accelerator.no_sync(model)``, or no DDP wrapper), then ONE
-``all_reduce_task_grads(buf)`` of the whole (T, P) buffer (SUM, then / world size: T times DDP's usual bytes),
-then ``project_gradients`` on every rank with an identically seeded generator: identical orders and results, no
-further communication. Tested: 2 gloo processes == 1 process on the concatenated data.
+Also here, for the code that imports them from this module: the (T, P) buffer, ``grads_to_params`` and the
+DDP all-reduce (`fastrank.ops.task_grad_buffer`, which says how per-task gradients are collected and synced).
+The textbook references the tests compare against are in `fastrank.ops.project_gradients_reference`.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from fastrank.ops._backend import cuda_ext, resolve_backend
+from fastrank.ops.task_grad_buffer import TaskGradBuffer, all_reduce_task_grads, grads_to_params  # noqa: F401
 
-__all__ = ["project_gradients", "project_gradients_reference", "gram_matrix", "task_weights", "TaskGradBuffer",
-           "grads_to_params", "all_reduce_task_grads", "draw_pcgrad_orders", "cagrad_objective"]
+__all__ = ["project_gradients", "gram_matrix", "task_weights", "TaskGradBuffer", "grads_to_params",
+           "all_reduce_task_grads", "draw_pcgrad_orders"]
 
 METHODS = ("pcgrad", "cagrad", "sum", "mean")
 MAX_TASKS = 16
@@ -319,142 +309,3 @@ def project_gradients(grads: torch.Tensor, method: str = "pcgrad", *, generator:
         w = task_weights(gram_matrix(grads, backend=backend), method, generator=generator, alpha=alpha,
                          backend=backend)
     return _combine(grads, w, backend)
-
-
-def cagrad_objective(w: torch.Tensor, gram: torch.Tensor, alpha: float) -> torch.Tensor:
-    """g_w.g0 + alpha ||g0|| ||g_w|| for simplex weights w, from the Gram matrix (computed in float64)."""
-    G, w = gram.double(), w.double()
-    return w @ G.mean(1) + alpha * G.mean().clamp_min(0).sqrt() * (w @ G @ w).clamp_min(0).sqrt()
-
-
-def _cagrad_simplex_reference(G: torch.Tensor, alpha: float, gap_tol: float = 1e-10, max_iter: int = 5_000):
-    """Float64 projected gradient with Armijo backtracking (host syncs), stopped on the Frank-Wolfe gap."""
-    G = G.double().cpu()
-    T, s = G.shape[0], float(G.diagonal().mean().clamp_min(1e-300))
-    G = G / s
-    b, c = G.mean(1), alpha * float(G.mean().clamp_min(0).sqrt())
-
-    def value(w):
-        return float(b @ w + c * (w @ G @ w).clamp_min(0).sqrt())
-
-    def proj(v):  # textbook sort-based projection onto the simplex
-        u = v.sort(descending=True).values
-        css = u.cumsum(0) - 1
-        k = int((u - css / torch.arange(1, T + 1, dtype=v.dtype) > 0).nonzero().max())
-        return (v - css[k] / (k + 1)).clamp_min(0)
-
-    w, step = torch.full((T,), 1.0 / T, dtype=torch.float64), 1.0
-    for _ in range(max_iter):
-        r = float((w @ G @ w).clamp_min(0).sqrt())
-        grad = b + (c * (G @ w) / r if r > 1e-150 else 0.0)
-        if float(grad @ w - grad.min()) <= gap_tol:  # f(w) - min f <= this gap (convexity)
-            break
-        f, step = value(w), step * 2
-        while step > 1e-20:
-            wn = proj(w - step * grad)
-            if value(wn) <= f + 1e-4 * float(grad @ (wn - w)):
-                break
-            step /= 2
-        else:  # no decrease measurable in float64 any more (the gap is linear, f quadratic near w*)
-            break
-        w = wn
-    return w
-
-
-def project_gradients_reference(grads: torch.Tensor, method: str = "pcgrad", *,
-                                generator: torch.Generator | None = None, alpha: float = 0.5,
-                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Textbook versions on the vectors with host syncs (``.item()`` per dot product), computed in ``dtype``.
-
-    Same ``generator`` seed => same PCGrad orders as ``project_gradients``. CAGrad: float64 simplex solve (Armijo
-    projected gradient to a 1e-10 duality gap or until float64 sees no decrease), then d on the vectors.
-    """
-    _check(grads, method)
-    g, T = grads.to(dtype), grads.shape[0]
-    if method == "sum":
-        return g.sum(0).to(grads.dtype)
-    if method == "mean":
-        return g.mean(0).to(grads.dtype)
-    if method == "pcgrad":
-        orders = draw_pcgrad_orders(T, generator)
-        out = torch.zeros_like(g[0])
-        for i in range(T):
-            gi = g[i].clone()
-            for j in orders[i]:
-                dot = torch.dot(gi, g[j]).item()
-                if dot < 0:
-                    gi -= dot / torch.dot(g[j], g[j]).item() * g[j]
-            out += gi
-        return out.to(grads.dtype)
-    G = (g @ g.T).double()
-    w = _cagrad_simplex_reference(G, alpha).to(dtype).to(g.device)
-    g0, gw = g.mean(0), w @ g
-    gw_norm = gw.norm().item()
-    d = g0 + (alpha * g0.norm().item() / gw_norm * gw if gw_norm > 0 else 0.0)
-    return d.to(grads.dtype)
-
-
-class TaskGradBuffer:
-    """One (T, P) buffer for T per-task gradients of ``params``; ``with buf.task(i): loss_i.backward()``."""
-
-    def __init__(self, params, num_tasks: int, *, dtype: torch.dtype | None = None):
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise ValueError("no parameter requires grad")
-        dtype = dtype or self.params[0].dtype
-        if any(p.dtype != dtype or p.device != self.params[0].device for p in self.params):
-            raise ValueError("all params must share the buffer's dtype and device (p.grad must match p)")
-        self.buffer = torch.zeros(num_tasks, sum(p.numel() for p in self.params), dtype=dtype,
-                                  device=self.params[0].device)
-        self._views = [_split(self.buffer[i], self.params) for i in range(num_tasks)]
-
-    def __getitem__(self, i):
-        return self.buffer[i]
-
-    def zero_(self) -> "TaskGradBuffer":
-        self.buffer.zero_()
-        return self
-
-    @contextlib.contextmanager
-    def task(self, i: int):
-        """p.grad = view of row i for the block (autograd accumulates in place); previous p.grad restored after."""
-        saved = [p.grad for p in self.params]
-        for p, v in zip(self.params, self._views[i]):
-            p.grad = v
-        try:
-            yield self.buffer[i]
-        finally:
-            for p, s in zip(self.params, saved):
-                p.grad = s
-
-
-def _split(flat: torch.Tensor, params) -> list[torch.Tensor]:
-    n = sum(p.numel() for p in params)
-    if flat.dim() != 1 or flat.numel() != n:
-        raise ValueError(f"expected a flat gradient of {n} elements (the params), got {tuple(flat.shape)}")
-    out, off = [], 0
-    for p in params:
-        out.append(flat[off:off + p.numel()].view_as(p))
-        off += p.numel()
-    return out
-
-
-def grads_to_params(combined: torch.Tensor, params, *, copy: bool = False) -> None:
-    """Write the (P,) combined gradient into ``p.grad`` (views of ``combined``; ``copy=True``: ``copy_``)."""
-    params = [p for p in params if p.requires_grad]
-    for p, v in zip(params, _split(combined, params)):
-        if copy and p.grad is not None:
-            p.grad.copy_(v)
-        else:
-            p.grad = v.to(p.dtype).clone() if copy or v.dtype != p.dtype else v
-
-
-def all_reduce_task_grads(buf) -> torch.Tensor:
-    """Average the (T, P) per-task gradients over ranks in place (SUM + divide); no-op without a process group."""
-    t = buf.buffer if isinstance(buf, TaskGradBuffer) else buf
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        if world > 1:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-            t.div_(world)
-    return t

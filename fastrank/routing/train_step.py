@@ -40,9 +40,8 @@ from torch import nn
 
 from fastrank.data.record import ENVS
 from fastrank.ops import pairwise_rank_loss
-from fastrank.ops.project_gradients import (
-    TaskGradBuffer, all_reduce_task_grads, draw_pcgrad_orders, gram_matrix, task_weights,
-)
+from fastrank.ops.project_gradients import draw_pcgrad_orders, gram_matrix, task_weights
+from fastrank.ops.task_grad_buffer import TaskGradBuffer, all_reduce_task_grads
 from fastrank.packing import ENV_IDS, PackedBatch
 from fastrank.routing.model import ADAPTERS, RoutedReranker
 

@@ -1,0 +1,43 @@
+"""Configuration of the agent recipe (BC + DAgger in ALFWorld): `recipes/agent_alfworld.yaml`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AgentConfig:
+    # model: a history-aware reranker in the shared-prefix layout (state once, candidates after it)
+    model: str = "minilm"  # preset (minilm, deberta-v3-base, ...), hub id or folder
+    init_from: str | None = None  # a saved Reranker to start from instead of `model`
+    feature_mode: str = "history"  # goal + observation + episode summary (fastrank.data.history)
+    layout: str = "shared_prefix"  # shared_prefix (fast; BERT-family) | pairs (the paper's cross-encoder)
+    max_length: int = 256  # state tokens (the history is cut first, oldest first)
+    # games
+    games_dir: str | None = None  # ALFWorld json_2.1.1 tarball or unpacked dir; None: ../shared/data
+    train_split: str = "train"
+    episodes: list[int] = field(default_factory=lambda: [160, 60, 60])  # train games played in each round
+    betas: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # P(expert acts) per round; round 0 = BC
+    max_steps: int = 50  # step limit per episode (ALFWorld's own evaluation limit)
+    batch_size: int = 8  # games in lockstep, scored in one batch
+    eval_games: int = 12  # fixed train games (not rolled out for data) played by the policy after each round
+    # training
+    max_negatives: int = 15  # admissible actions beside the expert's in a training set
+    old_ratio: float = 1.0  # per round: sets from earlier rounds replayed per new set
+    max_train_sets: int | None = None  # per round, a seeded sample of (new + replayed) sets; None: all
+    loss: str = "listwise"  # listwise (softmax CE over the set: the agent takes the argmax) | pairwise (paper)
+    temperature: float = 1.0  # listwise softmax temperature
+    epochs_per_round: float = 1.0
+    lr: float = 1.0e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    point_weight: float = 0.5
+    max_tokens: int = 8192  # token budget of one batch (shared-prefix rows count each state once)
+    cpu_threads: int | None = None  # torch threads on CPU; None: all cores
+    # final evaluation on held-out games (not train): 0 skips it
+    final_eval_split: str = "valid_seen"
+    final_eval_games: int = 0  # 0: skip; -1: every game of the split
+    # bookkeeping
+    seed: int = 42
+    output_dir: str = "runs/agent_alfworld"
+    resume: bool = False

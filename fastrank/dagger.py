@@ -1,0 +1,284 @@
+"""DAgger (Ross et al. 2011) for the reranker policy in ALFWorld: roll out, label with the expert, aggregate, retrain.
+
+Round r plays `episodes[r]` train games with a mixture policy -- each step takes the handcoded expert's
+action with probability beta_r, else the reranker's -- and labels every visited state with the action
+the expert would take there (TextWorld's `expert_plan`). Round 0 has beta = 1: plain behaviour cloning
+on expert states. Later rounds visit the states the policy's own mistakes lead to, which is what
+per-step training on expert states never shows it (the cause of the 0 % success measured before).
+
+A labelled state becomes a `CandidateSet`: the expert's action among up to `max_negatives` other
+admissible actions of that state, with the episode so far as `history`. After each round the model is
+trained on the round's states plus an equal-size sample of the older ones, then plays `eval_games` fixed
+train games alone (beta = 0): the per-round table. Every round is saved (`<output_dir>/dagger/round_N`:
+states, model, metrics), so `resume=true` continues after the last finished round.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from fastrank.agent_config import AgentConfig
+from fastrank.data.record import CandidateSet, read_records, write_records
+from fastrank.ops import listwise_rank_loss, pairwise_rank_loss
+from fastrank.packing import TokenBudgetBatchSampler
+from fastrank.rollout import Slot, run_episodes
+
+
+def expert_label(state) -> str | None:
+    """The expert's own next action at this state, or None when it has none worth imitating (the
+    opening `look`, its random pick when its plan repeats itself, a non-admissible suggestion)."""
+    plan = state.info.get("expert_plan")
+    if not plan or plan not in state.admissible:
+        return None
+    return plan if state.info.get("expert_source") in ("policy", None) else None
+
+
+def labelled_set(slot: Slot, label: str, max_negatives: int, rng: random.Random) -> CandidateSet:
+    s = slot.state
+    others = [a for a in dict.fromkeys(s.admissible) if a != label]
+    negs = rng.sample(others, min(max_negatives, len(others)))
+    return CandidateSet(env="alfworld", episode_id=str(s.info.get("episode_id", slot.task)), step=len(slot.log),
+                        task_type=s.task_type, goal=s.goal, observation=s.observation, candidates=[label] + negs,
+                        expert_index=0, sources=["expert"] + ["admissible"] * len(negs),
+                        history=[list(t) for t in slot.memory.turns])
+
+
+def collect(ranker, make_env, games: list, beta: float, cfg: AgentConfig, seed: int, desc: str):
+    """Play `games` with the beta-mixture; (labelled sets, rollout)."""
+    rng = random.Random(seed)
+    sets: list[CandidateSet] = []
+
+    def on_state(slot: Slot) -> dict:
+        label = expert_label(slot.state)
+        if label is not None:
+            sets.append(labelled_set(slot, label, cfg.max_negatives, rng))
+        return {"label": label}
+
+    with tqdm(total=len(games), desc=desc, leave=False) as bar:
+        ro = run_episodes(make_env, games, ranker, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                          beta=beta, expert=lambda s: s.info.get("expert_plan"), on_state=on_state, seed=seed,
+                          progress=bar)
+    return sets, ro
+
+
+def agreement(episodes: list[dict]) -> float | None:
+    """Share of the policy's own decisions that match the expert's label (labelled states only)."""
+    pairs = [(t["action"], t["label"]) for e in episodes for t in e["trajectory"]
+             if t.get("by") == "policy" and t.get("label")]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def fit(model, sets: list[CandidateSet], cfg: AgentConfig, accelerator: Accelerator, seed: int,
+        desc: str = "train") -> dict:
+    """`epochs_per_round` passes over `sets`: packed token-budget batches, AdamW, linear warm-up, clip."""
+    encoded = model.encode_sets(sets)
+    sampler = TokenBudgetBatchSampler([e.n_tokens for e in encoded], cfg.max_tokens, shuffle=True, seed=seed,
+                                      num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    total = max(1, math.ceil(len(sampler) * cfg.epochs_per_round))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warm = max(1, math.ceil(cfg.warmup_ratio * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    ddp, opt, sched = accelerator.prepare(model, opt, sched)
+    collate, step, t0, losses, hits_all = model.collator(), 0, time.perf_counter(), [], []
+    ddp.train()
+    bar = tqdm(total=total, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    epoch = 0
+    while step < total:
+        sampler.set_epoch(epoch)
+        for idx in sampler:
+            batch = collate([encoded[i] for i in idx]).to(accelerator.device)
+            with accelerator.autocast():
+                scores = ddp(batch)
+                if cfg.loss == "listwise":
+                    loss, hits = listwise_rank_loss(scores, batch.labels, batch.group_offsets,
+                                                    temperature=cfg.temperature, point_weight=cfg.point_weight)
+                else:
+                    loss, hits = pairwise_rank_loss(scores, batch.labels, batch.group_offsets,
+                                                    point_weight=cfg.point_weight)
+            accelerator.backward(loss)
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            hits_all.append(hits.float().mean().item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",
+                            top1=f"{sum(hits_all[-10:]) / len(hits_all[-10:]):.2f}")
+            if step >= total:
+                break
+        epoch += 1
+    bar.close()
+    ddp.eval()
+    return {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "sets": len(sets),
+            "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4),
+            "train_top1": round(sum(hits_all[-10:]) / max(1, len(hits_all[-10:])), 3)}
+
+
+def round_table(rounds: list[dict]) -> list[str]:
+    """The per-round markdown table of the report."""
+    lines = ["| round | beta | episodes | rollout success | states added | aggregate | expert agreement | "
+             "train steps | eval success (fixed train games) | eval repeats | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        agree = "—" if r["agreement"] is None else f"{r['agreement']:.1%}"
+        ev = r.get("eval") or {}
+        lines.append(f"| {r['round']} | {r['beta']:.2f} | {r['episodes']} | {r['rollout_success']:.1%} | "
+                     f"{r['states_added']} | {r['aggregate']} | {agree} | {r['train']['steps']} | "
+                     f"{ev.get('success_rate', float('nan')):.1%} | {ev.get('repeated_action_rate', float('nan')):.1%} | "
+                     f"{r['minutes']:.1f} |")
+    return lines
+
+
+def load_round(out: Path, r: int) -> tuple[list[CandidateSet], dict]:
+    d = out / "dagger" / f"round_{r}"
+    return read_records(d / "states.jsonl.gz", max_candidates=10_000), json.loads((d / "metrics.json").read_text())
+
+
+def save_round(out: Path, r: int, model, new_sets: list[CandidateSet], metrics: dict) -> None:
+    d = out / "dagger" / f"round_{r}"
+    d.mkdir(parents=True, exist_ok=True)
+    write_records(d / "states.jsonl.gz", new_sets)
+    model.save_pretrained(d / "model")
+    (d / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")  # written last: marks the round done
+
+
+def _shard(items: list, accelerator: Accelerator) -> list:
+    return items[accelerator.process_index::accelerator.num_processes]
+
+
+def _gather(items: list, accelerator: Accelerator) -> list:
+    if accelerator.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def run_dagger(cfg: AgentConfig) -> dict:
+    """BC + DAgger rounds as `cfg` says; writes `<output_dir>/model`, `report.md` and `results.json`."""
+    from fastrank.agent_eval import spread_over_types, summarize
+    from fastrank.data.features import Featurizer
+    from fastrank.envs.alfworld import AlfworldEnv, ensure_games, list_games
+    from fastrank.model import Reranker
+
+    if cfg.loss not in ("listwise", "pairwise"):
+        raise ValueError(f"loss must be 'listwise' or 'pairwise', not {cfg.loss!r}")
+    if len(cfg.episodes) != len(cfg.betas):
+        raise ValueError(f"episodes ({len(cfg.episodes)} rounds) and betas ({len(cfg.betas)}) must have one entry "
+                         f"per round")
+    accelerator = Accelerator()
+    if accelerator.device.type == "cpu":
+        import os
+
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    out = Path(cfg.output_dir)
+    if cfg.games_dir is None:
+        from fastrank.paths import shared_data_dir
+
+        cfg.games_dir = str(shared_data_dir() / "alfworld" / "json_2.1.1_games.tar.xz")
+    games = list_games(ensure_games(cfg.games_dir), cfg.train_split)
+    # a fixed, type-balanced eval set first; the rollout games are the rest, in a seeded order, new each round
+    eval_games = [g.game_file for g in spread_over_types(games, cfg.eval_games)] if cfg.eval_games else []
+    pool = [g.game_file for g in games if g.game_file not in set(eval_games)]
+    random.Random(cfg.seed).shuffle(pool)
+    if sum(cfg.episodes) > len(pool):
+        raise ValueError(f"{sum(cfg.episodes)} rollout episodes asked for, {len(pool)} {cfg.train_split} games")
+
+    torch.manual_seed(cfg.seed)
+    model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
+        cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
+    model.to(accelerator.device)
+    aggregate, rounds, start = [], [], 0
+    if cfg.resume:
+        while (out / "dagger" / f"round_{start}" / "metrics.json").exists():
+            sets, metrics = load_round(out, start)
+            aggregate += sets
+            rounds.append(metrics)
+            start += 1
+        if start:
+            model = Reranker.from_pretrained(out / "dagger" / f"round_{start - 1}" / "model").to(accelerator.device)
+            accelerator.print(f"resumed after round {start - 1} ({len(aggregate)} states)")
+    accelerator.print(f"DAgger: {len(cfg.episodes)} rounds, episodes {cfg.episodes}, betas {cfg.betas}; "
+                      f"{len(eval_games)} fixed eval games; model {cfg.model} ({cfg.layout}, {cfg.feature_mode})")
+    for r in range(start, len(cfg.episodes)):
+        t0 = time.perf_counter()
+        first = sum(cfg.episodes[:r])
+        round_games = pool[first:first + cfg.episodes[r]]
+        beta = cfg.betas[r]
+        new, ro = collect(model if beta < 1 else None, AlfworldEnv, _shard(round_games, accelerator), beta, cfg,
+                          seed=cfg.seed + r, desc=f"round {r} rollouts (beta {beta:.2f})")
+        new, episodes = _gather(new, accelerator), _gather(ro.episodes, accelerator)
+        rng = random.Random(cfg.seed + 1000 + r)
+        replay = rng.sample(aggregate, min(len(aggregate), int(cfg.old_ratio * len(new))))
+        train_sets = new + replay
+        if cfg.max_train_sets and len(train_sets) > cfg.max_train_sets:
+            train_sets = rng.sample(train_sets, cfg.max_train_sets)
+        train_info = fit(model, train_sets, cfg, accelerator, seed=cfg.seed + r, desc=f"round {r} train")
+        aggregate += new
+        ev = None
+        if eval_games:
+            ro_eval = run_episodes(AlfworldEnv, _shard(eval_games, accelerator), model, max_steps=cfg.max_steps,
+                                   batch_size=cfg.batch_size, seed=cfg.seed)
+            ev = summarize(_gather(ro_eval.episodes, accelerator))
+            ev.pop("per_task_type", None)
+        metrics = {"round": r, "beta": beta, "episodes": len(episodes),
+                   "rollout_success": sum(e["won"] for e in episodes) / max(1, len(episodes)),
+                   "load_failures": [[e["task"], e["error"]] for e in episodes if e.get("error")],
+                   "states_added": len(new), "aggregate": len(aggregate), "agreement": agreement(episodes),
+                   "train": train_info, "eval": ev, "minutes": round((time.perf_counter() - t0) / 60, 2)}
+        rounds.append(metrics)
+        if accelerator.is_main_process:
+            save_round(out, r, model, new, metrics)
+        accelerator.print("\n".join(round_table(rounds)))
+    results = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "rounds": rounds}
+    if accelerator.is_main_process:
+        model.save_pretrained(out / "model")
+    if cfg.final_eval_games:
+        from fastrank.agent_eval import evaluate_agent
+
+        val = list_games(ensure_games(cfg.games_dir), cfg.final_eval_split)
+        tasks = [g.game_file for g in spread_over_types(val, None if cfg.final_eval_games < 0 else cfg.final_eval_games)]
+        res = evaluate_agent(model, "alfworld", AlfworldEnv, tasks, max_steps=cfg.max_steps,
+                             batch_size=cfg.batch_size, desc=f"final eval {cfg.final_eval_split}")
+        results["final_eval"] = {"split": cfg.final_eval_split, **res["summary"]}
+        if accelerator.is_main_process:
+            with open(out / f"agent_eval_{cfg.final_eval_split}.jsonl", "w", encoding="utf-8") as f:
+                for ep in res["episodes"]:
+                    f.write(json.dumps(ep) + "\n")
+    if accelerator.is_main_process:
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_agent_report(results, out)
+        print(f"report: {out / 'report.md'}  model: {out / 'model'}")
+    return results
+
+
+def write_agent_report(results: dict, out: Path) -> Path:
+    lines = ["# Agent recipe: BC + DAgger in ALFWorld", "", *round_table(results["rounds"]), ""]
+    fe = results.get("final_eval")
+    if fe:
+        lines += [f"## Held-out games: {fe['split']} ({fe['episodes']} played)", "",
+                  f"success {fe['success_rate']:.1%}, mean steps {fe['mean_steps']:.1f}, repeated actions "
+                  f"{fe['repeated_action_rate']:.1%}, {fe['decisions_per_s']:.1f} decisions/s", "",
+                  "| task type | games | success | mean steps | repeats |", "|---|---|---|---|---|"]
+        for t, a in fe["per_task_type"].items():
+            lines.append(f"| {t} | {a['episodes']} | {a['success_rate']:.1%} | {a['mean_steps']:.1f} | "
+                         f"{a['repeated_action_rate']:.1%} |")
+        if fe.get("failed_to_load"):
+            lines += ["", f"{fe['failed_to_load']['count']} game(s) failed to load:",
+                      *[f"- {g}: {why}" for g, why in fe["failed_to_load"]["games"]]]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
