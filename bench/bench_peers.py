@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 nice -n 19 python bench/bench_peers.py --train-sets 300 --eval-sets 100 --out runs/peers
     (the run recorded in bench/RESULTS.md: --train-sets 128 --eval-sets 40 --max-tokens 2048, see there why)
 
-Trainers (each in its own spawned process, one after another, so that each one's peak RSS is its own):
+Trainers (each in its own spawned process, so that each one's peak RSS and CPU time are its own; one after another,
+or all four at once with --parallel, which gives them the same machine load); each process then scores its model:
   fastrank/pairwise  the paper's loss (recipes/joint3.yaml, packed batches of max_tokens tokens)
   fastrank/listwise  loss=listwise (softmax CE per set, fastrank.ops.listwise_rank_loss), same batches
   st/bce             CrossEncoderTrainer + BinaryCrossEntropyLoss, one row per (state, action) pair
@@ -134,7 +135,15 @@ def _child(kind, args, out, steps, queue):
     torch.set_num_threads(args.threads)
     try:
         res = _train_fastrank(args, kind, out) if kind.startswith("fastrank") else _train_st(args, kind, out, steps)
-        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; training only
+        from accelerate import Accelerator
+
+        from fastrank.train import load_training_data
+
+        cfg = base_config(args)
+        _, evals = load_training_data(cfg)  # the same seeded eval sample in every process
+        res["eval"], res["eval_s"], res["predict_max_abs_diff"] = evaluate_model(kind, res["model_dir"], cfg, evals,
+                                                                               Accelerator(cpu=True))
         queue.put(res)
     except BaseException as exc:  # report, do not hang the parent
         import traceback
@@ -142,19 +151,46 @@ def _child(kind, args, out, steps, queue):
         queue.put({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
 
 
-def run_trainer(kind, args, out, steps=None) -> dict:
+def run_trainers(kinds, args, out, steps, parallel: bool) -> dict:
+    """Each trainer in its own spawned process: one after another, or all at once (`parallel`: the same load for
+    all of them, and 4x this job's share of a busy machine; compare them by candidates per CPU-second then)."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    load0 = os.getloadavg()[0]
-    proc = ctx.Process(target=_child, args=(kind, args, out, steps, queue))
-    proc.start()
-    res = queue.get()
-    proc.join()
-    if "error" in res:
-        raise RuntimeError(f"{kind} failed: {res['error']}\n{res['traceback']}")
-    res["loadavg_1m_start_end"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
-    print(f"[{kind}] {json.dumps(res)}", flush=True)
-    return res
+    results, running = {}, []
+
+    def collect(kind, proc, queue, load0):
+        res = queue.get()
+        proc.join()
+        if "error" in res:
+            raise RuntimeError(f"{kind} failed: {res['error']}\n{res['traceback']}")
+        res["loadavg_1m_start_end"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+        print(f"[{kind}] {json.dumps({k: v for k, v in res.items() if k != 'eval'})}", flush=True)
+        results[kind] = res
+
+    for kind in kinds:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(kind, args, out / kind.replace("/", "_"), steps, queue))
+        load0 = os.getloadavg()[0]
+        proc.start()
+        running.append((kind, proc, queue, load0))
+        if not parallel:
+            collect(*running.pop())
+    for item in running:
+        collect(*item)
+    return {k: results[k] for k in kinds}
+
+
+def fastrank_steps(cfg, train_sets, model_dir) -> int:
+    """Optimizer steps of one fastrank epoch on these sets: the batches fastrank.train builds (given to ST)."""
+    from transformers import AutoTokenizer
+
+    from fastrank.data.features import Featurizer
+    from fastrank.packing import TokenBudgetBatchSampler, encode_sets
+
+    enc = encode_sets(train_sets, AutoTokenizer.from_pretrained(model_dir), Featurizer(cfg.feature_mode),
+                      cfg.max_length)
+    sampler = TokenBudgetBatchSampler([e.n_tokens for e in enc], cfg.max_tokens, shuffle=True, seed=cfg.seed,
+                                      num_replicas=1, rank=0)
+    return math.ceil(len(sampler) / cfg.grad_accum)
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -195,9 +231,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     p.add_argument("--out", default="runs/peers")
     p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--parallel", action="store_true", help="run the trainers at the same time (see run_trainers)")
     args = p.parse_args(argv)
     import torch
-    from accelerate import Accelerator
 
     import fastrank.model  # noqa: F401
     from fastrank.train import load_training_data
@@ -215,22 +251,17 @@ def main(argv=None) -> int:
     results = {"args": {k: v for k, v in vars(args).items()}, "train_sets": len(train_sets),
                "train_candidates": n_cand, "lexical_floor": lexical_floor(evals), "runs": {}}
     kinds = args.kinds.split(",")
-    steps = None
-    for kind in kinds:
-        if kind.startswith("st") and steps is None:
-            raise ValueError("a fastrank trainer must run first: the ST trainers get its step count")
-        res = run_trainer(kind, args, out / kind.replace("/", "_"), steps)
-        steps = res["steps"] if kind.startswith("fastrank") and steps is None else steps
+    steps = fastrank_steps(cfg, train_sets, args.model_dir)
+    results["fastrank_steps"] = steps
+    results["runs"] = run_trainers(kinds, args, out, steps, args.parallel)
+    for kind, res in results["runs"].items():
+        if kind.startswith("fastrank") and res["steps"] != steps:
+            raise RuntimeError(f"{kind} ran {res['steps']} steps, expected {steps}: ST would get other batches")
         res["candidates_per_s"] = n_cand / res["wall_s"]
         res["loop_candidates_per_s"] = n_cand / res["loop_s"]
         res["candidates_per_cpu_s"] = n_cand / res["cpu_s"]
-        results["runs"][kind] = res
-    accelerator = Accelerator(cpu=True)
-    for kind in kinds:
-        rep, secs, check = evaluate_model(kind, results["runs"][kind]["model_dir"], cfg, evals, accelerator)
-        results["runs"][kind].update(eval=rep, eval_s=secs, predict_max_abs_diff=check)
-        print(f"[{kind}] net gain " + " / ".join(f"{m} {r['combined']['net_gain']:+.3f}" for m, r in rep.items()),
-              flush=True)
+        print(f"[{kind}] net gain " + " / ".join(f"{m} {r['combined']['net_gain']:+.3f}"
+                                                 for m, r in res["eval"].items()), flush=True)
     results["total_s"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))

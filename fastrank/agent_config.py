@@ -37,6 +37,9 @@ class AgentConfig:
     # final evaluation on held-out games (not train): 0 skips it
     final_eval_split: str = "valid_seen"
     final_eval_games: int = 0  # 0: skip; -1: every game of the split
+    # ScienceWorld recipe (recipes/agent_scienceworld.py) only
+    sw_episodes_per_task: int = 3  # ETO train gold paths replayed per task (24 tasks) for behaviour cloning
+    max_candidates: int = 64  # evaluation: bound on the valid-action list offered (agent-eval --max-candidates)
     # bookkeeping
     seed: int = 42
     output_dir: str = "runs/agent_alfworld"

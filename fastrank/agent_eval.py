@@ -52,10 +52,14 @@ def focus_guard(goal: str, actions: list[str]) -> list[str]:
 
     Focusing on an object the task does not name ends the episode at score -100, and every ScienceWorld
     goal names what to focus on ("focus on the substance", "focus on the red box"); this is a rule of the
-    environment, not of any particular task. Keeps the list when it would empty it."""
+    environment, not of any particular task. The simulator qualifies a referent by where it is
+    (`focus on substance in metal pot`, `focus on thermometer in inventory`: the gold focus of boil, melt,
+    freeze, use-thermometer, ...), so only the words before the first " in " must be named. Goals that name
+    a category (find-*, lifespan-*, identify-life-stages-*: "find a(n) animal") never name the object, so
+    there the guard removes the right focus too. Keeps the list when it would empty it."""
     gw = set(re.findall(r"[a-z0-9]+", goal.lower()))
     keep = [a for a in actions if not (m := _FOCUS.match(a.strip().lower()))
-            or set(re.findall(r"[a-z0-9]+", m.group(1))) <= gw]
+            or set(re.findall(r"[a-z0-9]+", m.group(1).split(" in ", 1)[0])) <= gw]
     return keep or actions
 
 

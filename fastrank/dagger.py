@@ -7,7 +7,8 @@ on expert states. Later rounds visit the states the policy's own mistakes lead t
 per-step training on expert states never shows it (the cause of the 0 % success measured before).
 
 A labelled state becomes a `CandidateSet`: the expert's action among up to `max_negatives` other
-admissible actions of that state, with the episode so far as `history`. After each round the model is
+admissible actions of that state (up to a third of them actions the agent already took in the episode),
+with the episode so far as `history`. After each round the model is
 trained on the round's states plus an equal-size sample of the older ones, then plays `eval_games` fixed
 train games alone (beta = 0): the per-round table. Every round is saved (`<output_dir>/dagger/round_N`:
 states, model, metrics), so `resume=true` continues after the last finished round.
@@ -43,7 +44,12 @@ def expert_label(state) -> str | None:
 def labelled_set(slot: Slot, label: str, max_negatives: int, rng: random.Random) -> CandidateSet:
     s = slot.state
     others = [a for a in dict.fromkeys(s.admissible) if a != label]
-    negs = rng.sample(others, min(max_negatives, len(others)))
+    # the agent's own earlier actions that are offered again are the negatives that teach it not to loop
+    # (a uniform sample of ~30 admissible actions rarely contains the one it repeats)
+    taken = set(a for a, _ in slot.memory.turns)
+    mine = [a for a in others if a in taken][: max_negatives // 3]
+    rest = [a for a in others if a not in set(mine)]
+    negs = mine + rng.sample(rest, min(max_negatives - len(mine), len(rest)))
     return CandidateSet(env="alfworld", episode_id=str(s.info.get("episode_id", slot.task)), step=len(slot.log),
                         task_type=s.task_type, goal=s.goal, observation=s.observation, candidates=[label] + negs,
                         expert_index=0, sources=["expert"] + ["admissible"] * len(negs),

@@ -12,12 +12,14 @@ read by the head, so padding positions come back as zeros. Two backends:
 
 - ``"triton"`` (CUDA): the package's fused varlen kernels, ``encoder.forward_packed(tokens, cu_seqlens, ...)``.
 - ``"torch"`` (any device): the package's PyTorch attention math and position plans, driven here. Its own
-  ``forward_packed`` loops over sequences and re-projects the relative-position table for every one of them
-  (~30 % more GEMM work at hidden 768); this driver projects Q/K/V once for the whole token stream and the
-  position table once per layer, and batches candidates of equal length. It also calls the projection modules
-  (not their raw weights) so LoRA adapters (`fastrank.routing`) apply.
+  ``forward_packed`` loops over sequences and projects the relative-position table again for every one (on
+  CPU at hidden 768: 1.17x the block-mask rows, against 1.54x for this driver; bench/RESULTS.md); this driver
+  projects Q/K/V once for the whole token stream and the table once per layer, and batches candidates of
+  equal length. It calls the projection modules (not their raw weights), so LoRA adapters (`fastrank.routing`)
+  apply.
 - ``"auto"``: Triton on CUDA when the head size has kernels (32/64/128), else torch. Triton cannot run on CPU;
-  on CUDA it is the package's documented faster path (its README: 4.8x HF eager packed on an H200).
+  on CUDA it is the package's documented faster path (its README, MNLI inference on an H200: packed Triton
+  4.8x HF eager padded); not measured here (no GPU was lent).
 """
 from __future__ import annotations
 

@@ -10,6 +10,10 @@ depends on the encoder family (`Reranker.packing`):
   block-diagonal bool mask>)``. Exact: relative positions are shift-invariant; the per-segment
   `position_ids` also cover configs with absolute positions (`position_biased_input`). Not for configs with
   a convolution layer (`conv_kernel_size`, DeBERTa-v2-xlarge): it would mix neighbouring segments.
+  With the extra ``fastrank[deberta]`` (disentangled-flash) and ``packed_attention="varlen"`` (the default), DeBERTa
+  batches (packed or padded) run instead as one cu_seqlens sequence per candidate in one unpadded token stream
+  (`fastrank.deberta_varlen`; ``varlen_backend``: Triton kernels on CUDA, PyTorch attention on CPU); the block-mask
+  rows stay the path without the extra or with ``packed_attention="mask"``, and the reference.
 - ``"bert"`` (BERT/MiniLM, ELECTRA, RoBERTa/XLM-R): `position_ids` restarting at 0 per candidate (RoBERTa-style
   ids offset by ``pad_token_id + 1``) plus token types, and one of two attention paths:
   * ``packed_attention="varlen"`` (default with SDPA): the encoder runs with the registered attention function

@@ -62,9 +62,9 @@ def encode_prefix_sets(sets: Sequence[CandidateSet], tokenizer, featurizer, max_
     """
     states, actions = [], []
     for cs in sets:
-        history = getattr(cs, "history", None)
-        states.append(featurizer.state_text(cs.goal, cs.observation, history))
-        actions.extend(featurizer.action_text(cs.goal, cs.observation, a) for a in cs.candidates)
+        state, acts = featurizer.texts(cs.goal, cs.observation, list(cs.candidates), getattr(cs, "history", None))
+        states.append(state)
+        actions.extend(acts)
     state_ids = _ids(tokenizer, states, max_state_tokens) if states else []
     action_ids = _ids(tokenizer, actions, max_action_tokens) if actions else []
     out, pos = [], 0

@@ -22,7 +22,7 @@ def test_games_are_spread_over_task_types():
              for i in range(k)]
     assert [g.game_file for g in spread_over_types(games, 4)] == ["a0", "b0", "c0", "a1"]
     assert len(spread_over_types(games, 100)) == 6  # asking for more than there are gives all, once each
-    assert spread_over_types(games, 0) == []
+    assert [g.game_file for g in spread_over_types(games, 0)] == ["a0", "b0", "c0", "a1", "b1", "a2"]  # 0: all
 
 
 def test_summary_counts_success_types_and_repeats():
@@ -40,6 +40,29 @@ def test_summary_counts_success_types_and_repeats():
                                           "mean_steps": 3.0, "repeated_action_rate": pytest.approx(1 / 3)}
 
 
+def test_games_that_fail_to_load_are_counted_and_listed_not_dropped():
+    ok = {"task_type": "pick", "won": True, "score": 1.0, "steps": 1, "trajectory": [{"action": "a"}]}
+    bad = {"task": "g/broken", "task_type": "", "won": False, "score": 0.0, "steps": 0, "trajectory": [],
+           "error": "GameLoadError: game loader called sys.exit(1)"}
+    s = summarize([ok, bad])
+    assert s["episodes"] == 1 and s["success_rate"] == 1.0  # rates over the games actually played
+    assert s["failed_to_load"] == {"count": 1, "games": [["g/broken", "GameLoadError: game loader called sys.exit(1)"]]}
+
+
+def test_run_episodes_reports_a_game_that_fails_to_load():
+    from fastrank.rollout import run_episodes
+
+    class _Broken(_Drawer):
+        def reset(self, task):
+            if task == "broken":
+                raise RuntimeError("no such game")
+            return super().reset(task)
+
+    ro = run_episodes(_Broken, ["ok", "broken", "ok"], _Prefers(), max_steps=3, batch_size=2, avoid_repeats=True)
+    assert [e["error"] for e in ro.episodes] == [None, "RuntimeError: no such game", None]
+    assert [e["won"] for e in ro.episodes] == [True, False, True] and ro.decisions == 6
+
+
 class _Drawer:
     """'examine drawer' leaves the observation unchanged; 'open drawer' wins. The ranker prefers examine."""
 
@@ -50,6 +73,9 @@ class _Drawer:
         if action == "open drawer":
             return EnvState("The drawer is open.", "open the drawer", [], "t", reward=1.0, done=True, won=True)
         return self.reset(None)
+
+    def close(self):
+        pass
 
 
 class _Prefers:

@@ -177,7 +177,8 @@ def test_training_steps_match_the_block_mask_path(tok):
     ref, var = _pair(tok, "v3", seed=2)
     ref.train(), var.train()  # dropout is 0 in these configs: the two paths must stay together
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (ref, var)]
-    data = [_sets(_random_lengths(s, n_sets=3), s) for s in (5, 6, 7)]
+    g = torch.Generator().manual_seed(5)
+    data = [_sets([[250], torch.randint(2, 121, (10,), generator=g).tolist()], s) for s in (5, 6, 7)]
     for step, items in enumerate(data):
         losses = []
         for m, opt, coll in ((ref, opts[0], PackedCollator(0, row_len=256)), (var, opts[1], var.collator())):
@@ -191,6 +192,18 @@ def test_training_steps_match_the_block_mask_path(tok):
         assert abs(float(losses[0] - losses[1])) <= TOL * float(losses[0]), (step, losses)
     for (n, a), b in zip(ref.named_parameters(), var.parameters()):
         assert _rel(b.detach(), a.detach()) <= TOL, n
+
+
+def test_attention_dropout_applies_in_training_only(tok):
+    ref, var = _pair(tok, "v3", attention_probs_dropout_prob=0.5)
+    items = _sets([[30, 80, 7]], seed=9)
+    batch = var.collator()(items)
+    with torch.no_grad():
+        _, r_scores = _reference(ref, items)
+        assert _rel(var(batch), r_scores) <= TOL  # eval: no dropout
+        var.train()
+        a, b = var(batch), var(batch)
+    assert _rel(a, b) > 1e-3 and _rel(a, r_scores) > 1e-3
 
 
 def test_save_load_round_trip_keeps_weights_and_path(tmp_path, tok):

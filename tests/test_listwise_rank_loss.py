@@ -246,4 +246,5 @@ def test_recipe_summary_line():
     assert line == "report: runs/x/report.md | net gain (combined) sampled +0.553, hard -0.020 | 15.6 candidates/s"
     agg = {"seeds": {1: {"candidates_per_s": 10.0}, 2: {"candidates_per_s": 12.0}},
            "aggregate": {"sampled": {"combined": {"net_gain_mean": 0.4, "net_gain_std": 0.05}}}}
-    assert summary_line(Path("r.md"), agg) == "report: r.md | net gain (combined) sampled +0.400±0.050 | 11.0 candidates/s"
+    want = "report: r.md | net gain (combined) sampled +0.400±0.050 | 11.0 candidates/s"
+    assert summary_line(Path("r.md"), agg) == want

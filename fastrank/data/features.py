@@ -54,16 +54,22 @@ class Featurizer:
     def uses_history(self) -> bool:
         return self.mode == "history"
 
-    def state_text(self, goal: str, observation: str, history=None) -> str:
-        """The state part. In ``history`` mode the summary comes last and newest first, so right-truncation
-        drops the oldest history first; other modes ignore `history` (old checkpoints keep working)."""
-        text = f"state: goal: {goal.strip()} observation: {observation.strip()}"
-        if self.uses_history:
-            from fastrank.data.history import summarize_history
+    def texts(self, goal: str, observation: str, candidates: list[str], history=None) -> tuple[str, list[str]]:
+        """(state text, one action text per candidate). `history`: the episode so far as (action,
+        observation) pairs, read by the ``history`` mode only (other modes ignore it, so old checkpoints
+        score exactly as before). In ``history`` mode the summary comes after the observation and newest
+        first, so right-truncation drops the oldest history first; each action carries its annotation."""
+        state = f"state: goal: {goal.strip()} observation: {observation.strip()}"
+        if not self.uses_history:
+            return state, [self.action_text(goal, observation, a) for a in candidates]
+        from fastrank.data.history import EpisodeMemory
 
-            summary = history if isinstance(history, str) else summarize_history(history)
-            text += f" history: {summary or 'none'}"
-        return text
+        mem = EpisodeMemory.from_turns(history or [])
+        state += f" history: {mem.summary() or 'none'}"
+        return state, [f"action: {a.strip()} ({mem.annotate(a)})" for a in candidates]
+
+    def state_text(self, goal: str, observation: str, history=None) -> str:
+        return self.texts(goal, observation, [], history)[0]
 
     def action_text(self, goal: str, observation: str, action: str) -> str:
         text = f"action: {action.strip()}"
@@ -73,10 +79,9 @@ class Featurizer:
         return text
 
     def pairs(self, goal: str, observation: str, candidates: list[str], history=None) -> list[tuple[str, str]]:
-        """One (state, action+features) text pair per candidate; `history`: (action, observation) pairs
-        of the episode so far, or their summary text (used by the ``history`` mode only)."""
-        state = self.state_text(goal, observation, history)
-        return [(state, self.action_text(goal, observation, a)) for a in candidates]
+        """One (state, action+features) text pair per candidate."""
+        state, actions = self.texts(goal, observation, list(candidates), history)
+        return [(state, a) for a in actions]
 
     def to_dict(self) -> dict:
         return {"mode": self.mode}

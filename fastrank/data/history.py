@@ -13,6 +13,9 @@ the (action, observation) pairs of the episode, nothing else:
 - ``searched``: every place visited or opened with what was seen there (``nothing`` / ``closed`` /
   the contents), newest first, one entry per place.
 
+Each candidate action is annotated too (`EpisodeMemory.annotate`): ``new`` or ``taken 2x``, and for a
+place already searched what was seen there, so the ranker reads the history right beside the action.
+
 Every list is newest first, and the featurizer writes the summary after the goal and the current
 observation, so right-truncation of the state text (``truncation="only_first"``, or the prefix
 encoder's state budget) drops the oldest history first and never the goal or the current observation.
@@ -22,6 +25,7 @@ appears under ``recent``.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Sequence
 
 Turn = tuple[str, str]  # (action, the observation it produced)
@@ -66,6 +70,7 @@ class EpisodeMemory:
         self.holding: list[str] = []
         self.done: list[str] = []
         self.searched: dict[str, str] = {}  # place -> what was seen (insertion order = last visit order)
+        self.taken: Counter = Counter()  # action -> times taken
 
     @classmethod
     def from_turns(cls, turns: Sequence[Sequence[str]], **kw) -> "EpisodeMemory":
@@ -77,6 +82,7 @@ class EpisodeMemory:
     def add(self, action: str, observation: str) -> None:
         action, observation = action.strip(), observation.strip()
         self.turns.append((action, observation))
+        self.taken[action.lower()] += 1
         low_a, low_o = action.lower(), observation.lower()
         place = _place_of(action)
         if place is not None and not low_o.startswith(_FAILED):
@@ -90,6 +96,19 @@ class EpisodeMemory:
             self.holding.remove(m.group(1))
         if not low_a.startswith(_NAV) and not low_o.startswith(_FAILED) and low_o:
             self.done.append(action)
+
+    def annotate(self, action: str) -> str:
+        """What the episode says about one candidate action: how often it was taken, and for a place
+        already searched what was seen there. Read beside the action, this is what lets a ranker stop
+        re-visiting an empty drawer, which the state summary alone did not (measured: a BC policy trained
+        without it ping-ponged between two empty sidetables)."""
+        a = action.strip().lower()
+        n = self.taken.get(a, 0)
+        note = f"taken {n}x" if n else "new"
+        place = _place_of(a)
+        if place is not None and place in self.searched:
+            note += f"; seen there: {_first_words(self.searched[place], 8)}"
+        return note
 
     def summary(self) -> str:
         """The history text, newest first in every part ('' before the first step)."""

@@ -111,7 +111,7 @@ def build_click_steps(goal_indices: Iterable[int] | None = None, *, test_frac: f
                     task_type=page_kind(state.admissible, action), goal=goal.instruction_text,
                     observation=state.observation, expert_action=action, admissible=list(state.admissible),
                     meta={"source": "webshop_env_expert", "run": run, "goal_index": gi, "split": split,
-                          "target_asin": goal.asin, "page_asin": env.session.asin if state.info["asin"] else None}))
+                          "target_asin": goal.asin, "page_asin": state.info["asin"]}))
     check_split(steps, test_targets)
     per_split = Counter(s.meta["split"] for s in steps)
     rep = {"goals": len({s.meta["goal_index"] for s in steps}), "states": len(steps),

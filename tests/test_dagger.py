@@ -1,0 +1,118 @@
+"""DAgger for the ALFWorld agent (fastrank/dagger.py): expert labels at off-policy states, and a short run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastrank.agent_config import AgentConfig
+from fastrank.dagger import agreement, collect, expert_label, labelled_set
+from fastrank.data.history import EpisodeMemory
+from fastrank.envs.base import EnvState
+
+SHARED = Path(os.environ.get("FASTRANK_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+TARBALL = SHARED / "alfworld" / "json_2.1.1_games.tar.xz"
+
+
+def _state(plan, source, admissible=("go to a", "look", "take x from a")):
+    return EnvState("obs", "goal", list(admissible), "t", info={"expert_plan": plan, "expert_source": source})
+
+
+def test_expert_label_keeps_only_the_experts_own_admissible_choice():
+    assert expert_label(_state("go to a", "policy")) == "go to a"
+    assert expert_label(_state("look", "initial_look")) is None  # the scripted opening look
+    assert expert_label(_state("look", "look_fallback")) is None  # its suggestion was not admissible
+    assert expert_label(_state("go to a", "random")) is None  # its random pick when its plan repeats
+    assert expert_label(_state("open b", "policy")) is None  # not admissible here
+    assert expert_label(_state(None, "policy")) is None
+
+
+def test_labelled_set_puts_the_label_among_admissible_negatives_with_history():
+    mem = EpisodeMemory.from_turns([("look", "You see nothing."), ("go to a", "On the a, you see a x.")])
+    slot = SimpleNamespace(state=_state("take x from a", "policy"), memory=mem, log=[{}, {}], task="g")
+    cs = labelled_set(slot, "take x from a", max_negatives=1, rng=random.Random(0))
+    cs.validate()
+    assert cs.expert_action == "take x from a" and len(cs.candidates) == 2
+    assert cs.candidates[1] in ("go to a", "look") and cs.step == 2
+    assert cs.history == [["look", "You see nothing."], ["go to a", "On the a, you see a x."]]
+    assert agreement([{"trajectory": [{"by": "policy", "action": "a", "label": "a"},
+                                      {"by": "policy", "action": "b", "label": "a"},
+                                      {"by": "expert", "action": "c", "label": "d"},
+                                      {"by": "policy", "action": "e", "label": None}]}]) == 0.5
+
+
+def _games(split="train"):
+    if not TARBALL.exists():
+        pytest.skip(f"shared data not here: {TARBALL}")
+    pytest.importorskip("alfworld")
+    from fastrank.envs.alfworld import ensure_games, list_games
+
+    return list_games(ensure_games(TARBALL), split)
+
+
+class _Wrong:
+    """A policy that never does what the expert would: it takes the last admissible action."""
+
+    def score(self, goal, observation, candidates):
+        return torch.arange(len(candidates), dtype=torch.float32)
+
+
+def test_off_policy_state_is_labelled_with_the_experts_action_and_the_expert_recovers():
+    from fastrank.envs.alfworld import AlfworldEnv
+
+    from fastrank.agent_eval import spread_over_types
+
+    game = spread_over_types(_games(), 2)[1].game_file  # pick_and_place_simple
+    cfg = AgentConfig(max_steps=4, batch_size=1, max_negatives=5)
+    sets, ro = collect(_Wrong(), AlfworldEnv, [game], beta=0.0, cfg=cfg, seed=0, desc="test")
+    [ep] = ro.episodes
+    assert ep["error"] is None and all(t["by"] == "policy" for t in ep["trajectory"])
+    labelled = [t for t in ep["trajectory"] if t["label"]]
+    assert labelled and len(sets) == len(labelled)
+    for cs, t in zip(sets, labelled):
+        assert cs.expert_action == t["label"] and cs.expert_action != t["action"]  # off-policy: it disagreed
+        assert len(cs.history) == cs.step  # the episode so far, every step
+    # from the state the wrong policy reached, the labels are the expert's plan, and following it wins
+    with AlfworldEnv() as env:
+        s = env.reset(game)
+        for t in ep["trajectory"]:
+            s = env.step(t["action"])
+        for _ in range(40):
+            if s.done:
+                break
+            s = env.step(s.info["expert_plan"])
+        assert s.won
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_on_real_games(tmp_path):
+    """BC + one DAgger round + resume, with a tiny encoder, on real train games (~1 min)."""
+    _games()
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from fastrank.dagger import run_dagger
+    from fastrank.model import PRESETS
+
+    tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=256))
+    enc.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    cfg = dict(model=str(tmp_path / "tiny"), games_dir=str(TARBALL), episodes=[2, 1], betas=[1.0, 0.0],
+               max_steps=6, eval_games=1, batch_size=2, max_length=96, output_dir=str(tmp_path / "run"))
+    res = run_dagger(AgentConfig(**cfg))
+    out = tmp_path / "run"
+    assert [r["round"] for r in res["rounds"]] == [0, 1]
+    assert res["rounds"][0]["states_added"] > 0 and res["rounds"][0]["agreement"] is None  # BC: expert only
+    assert res["rounds"][1]["episodes"] == 1 and res["rounds"][1]["eval"]["episodes"] == 1
+    assert (out / "model" / "fastrank.json").exists() and "| round | beta |" in (out / "report.md").read_text()
+    meta = json.loads((out / "model" / "fastrank.json").read_text())
+    assert meta["layout"] == "shared_prefix" and meta["featurizer"]["mode"] == "history"
+    again = run_dagger(AgentConfig(**cfg, resume=True))  # both rounds done: nothing is replayed
+    assert [r["states_added"] for r in again["rounds"]] == [r["states_added"] for r in res["rounds"]]

@@ -1,0 +1,102 @@
+"""The ``history`` feature mode: episode summary, truncation order, and checkpoints that carry it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig
+
+from fastrank.data.features import Featurizer
+from fastrank.data.history import EpisodeMemory, summarize_history
+from fastrank.model import PRESETS, Reranker
+
+TURNS = [
+    ("go to countertop 1", "On the countertop 1, you see a bread 1, and a knife 2."),
+    ("go to drawer 1", "The drawer 1 is closed."),
+    ("open drawer 1", "You open the drawer 1. The drawer 1 is open. In it, you see nothing."),
+    ("go to countertop 2", "On the countertop 2, you see a apple 1."),
+    ("take apple 1 from countertop 2", "You pick up the apple 1 from the countertop 2."),
+    ("go to sinkbasin 1", "On the sinkbasin 1, you see nothing."),
+    ("clean apple 1 with sinkbasin 1", "You clean the apple 1 using the sinkbasin 1."),
+    ("examine sinkbasin 1", "Nothing happens."),
+]
+
+
+def test_memory_tracks_holding_progress_and_searched_places():
+    mem = EpisodeMemory.from_turns(TURNS)
+    assert mem.holding == ["apple 1"]
+    assert mem.done == ["take apple 1 from countertop 2", "clean apple 1 with sinkbasin 1"]  # not "examine"
+    # one entry per place, the drawer's newest observation (opened: empty) replaces "closed"
+    assert mem.searched == {"countertop 1": "a bread 1, and a knife 2", "drawer 1": "nothing",
+                            "countertop 2": "a apple 1", "sinkbasin 1": "nothing"}
+    text = mem.summary()
+    assert text.startswith("holding: apple 1 | done: clean apple 1 with sinkbasin 1; take apple 1")
+    assert "recent: examine sinkbasin 1 -> Nothing happens.; clean apple 1" in text  # newest first
+    assert text.index("searched: sinkbasin 1") < text.index("countertop 1: a bread 1")
+
+
+def test_candidates_are_annotated_with_what_the_episode_says_about_them():
+    mem = EpisodeMemory.from_turns(TURNS + [("go to countertop 1", "On the countertop 1, you see a bread 1.")])
+    assert mem.annotate("go to countertop 1") == "taken 2x; seen there: a bread 1"
+    assert mem.annotate("open drawer 1") == "taken 1x; seen there: nothing"
+    assert mem.annotate("go to fridge 1") == "new"
+    state, actions = Featurizer("history").texts("g", "o", ["go to fridge 1", "go to drawer 1"], TURNS)
+    assert actions == ["action: go to fridge 1 (new)", "action: go to drawer 1 (taken 1x; seen there: nothing)"]
+    assert Featurizer().texts("g", "o", ["go to drawer 1"], TURNS)[1][0].startswith("action: go to drawer 1\nfeatures:")
+
+
+def test_put_releases_and_failed_actions_do_not_count():
+    turns = TURNS[:5] + [("go to fridge 1", "The fridge 1 is closed."),
+                         ("put apple 1 in/on fridge 1", "You put the apple 1 in/on the fridge 1."),
+                         ("heat apple 1 with fridge 1", "Nothing happens.")]
+    mem = EpisodeMemory.from_turns(turns)
+    assert mem.holding == [] and mem.done[-1] == "put apple 1 in/on fridge 1"
+    assert summarize_history([]) == "" and summarize_history(None) == ""
+
+
+def test_state_text_truncation_drops_the_oldest_history_first():
+    tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
+    feat = Featurizer("history")
+    goal, obs = "put a clean apple in fridge.", "On the sinkbasin 1, you see nothing."
+    full = feat.state_text(goal, obs, TURNS)
+    ids = tok(full, truncation=True, max_length=60)["input_ids"]
+    cut = tok.decode(ids, skip_special_tokens=True)
+    assert len(tok(full)["input_ids"]) > 60  # the cut is real
+    assert cut.startswith("state : goal : put a clean apple in fridge. observation : on the sinkbasin 1")
+    assert "holding : apple 1" in cut  # newest facts survive
+    assert "countertop 1 : a bread" not in cut  # the oldest searched place went first
+    # modes without history ignore it, so old checkpoints score exactly as before
+    assert Featurizer().state_text(goal, obs, TURNS) == Featurizer().state_text(goal, obs)
+
+
+def _tiny(layout: str, mode: str = "history") -> Reranker:
+    tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return Reranker.from_config(cfg, tok, featurizer=Featurizer(mode), max_length=96, layout=layout).eval()
+
+
+@pytest.mark.parametrize("layout", ["shared_prefix", "pairs"])
+def test_history_checkpoint_round_trip(tmp_path, layout):
+    model = _tiny(layout)
+    cands = ["go to fridge 1", "take apple 1 from countertop 2", "look"]
+    before = model.score("put a clean apple in fridge.", "You clean the apple 1.", cands, history=TURNS)
+    no_hist = model.score("put a clean apple in fridge.", "You clean the apple 1.", cands)
+    assert not torch.allclose(before, no_hist)  # the history reaches the scores
+    back = Reranker.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert back.layout == layout and back.featurizer.mode == "history"
+    after = back.score("put a clean apple in fridge.", "You clean the apple 1.", cands, history=TURNS)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+def test_checkpoint_without_layout_key_loads_as_pairs(tmp_path):
+    import json
+
+    path = _tiny("pairs", mode="state_action_overlap").save_pretrained(tmp_path / "old")
+    meta = json.loads((path / "fastrank.json").read_text())
+    del meta["layout"]
+    (path / "fastrank.json").write_text(json.dumps(meta))
+    back = Reranker.from_pretrained(path)
+    assert back.layout == "pairs"
+    s = back.score("g", "o", ["a", "b"], history=TURNS)  # history is accepted and ignored
+    torch.testing.assert_close(s, back.score("g", "o", ["a", "b"]))
