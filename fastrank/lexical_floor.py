@@ -33,6 +33,16 @@ def floor_scores(cs: CandidateSet) -> list[float]:
     return [overlap_features(state, a)["action_coverage"] for a in cs.candidates]
 
 
+class FloorRanker:
+    """The floor as a policy: `score(goal, observation, candidates)` like a Reranker's (agent baselines)."""
+
+    def score(self, goal: str, observation: str, candidates: Sequence[str], **_: object):
+        import numpy as np
+
+        state = f"{goal} {observation}"
+        return np.array([overlap_features(state, a)["action_coverage"] for a in candidates])
+
+
 def floor_report(sets: Sequence[CandidateSet]) -> dict:
     """net_gain_report of the floor: {env: {states, original_top1, reranked_top1, net_gain}, combined}."""
     return net_gain_report(sets, [floor_scores(cs) for cs in sets])

@@ -216,7 +216,7 @@ class Reranker(nn.Module):
         std = getattr(cfg, "initializer_range", 0.02)
         self.head = nn.Linear(hidden, 1)
         # head_pooler: score = head(tanh(pooler(h_first))), the head of a BERT/RoBERTa cross-encoder imported with
-        # its trained weights (fastrank.export.read_cross_encoder); off: the paper's linear head on h_first
+        # its trained weights (fastrank.cross_encoder.read_cross_encoder); off: the paper's linear head on h_first
         self.pooler = nn.Linear(hidden, hidden) if head_pooler else None
         self.aux_head_sizes = dict(aux_heads or {})
         self.aux_heads = nn.ModuleDict({k: nn.Linear(hidden, int(n)) for k, n in self.aux_head_sizes.items()})

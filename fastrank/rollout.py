@@ -58,13 +58,15 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
                  batch_size: int = 8, beta: float = 0.0, expert: Callable[[EnvState], str | None] | None = None,
                  candidates: Callable[[EnvState], list[str]] | None = None,
                  on_state: Callable[[Slot], None] | None = None, avoid_repeats: bool = False, seed: int = 0,
-                 progress=None, close_envs: bool = True) -> Rollout:
+                 progress=None, close_envs: bool = True, score_all: bool = False) -> Rollout:
     """Play every task to the end (done or `max_steps`); episodes come back in task order.
 
     beta: probability that a step takes the expert's action (`expert(state)`) instead of the ranker's
     (DAgger's mixture; 0 = the policy alone; `ranker=None` needs beta=1). `candidates(state)`: the actions
     offered to the ranker (default: the admissible list). `on_state(slot)` sees every state before its
-    action is chosen (DAgger labels it); a dict it returns is merged into that step's log entry. ``avoid_repeats``: take the best action not yet taken from this
+    action is chosen, as `on_state(slot, scores)` (scores: {action: score} when the ranker scored this state,
+    else None; `score_all` scores the expert's steps too) -- DAgger labels it; a dict it returns is merged
+    into that step's log entry. ``avoid_repeats``: take the best action not yet taken from this
     observation (a loop breaker; off by default).
     """
     rng = random.Random(seed)
@@ -101,7 +103,7 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
             continue
         cands = {i: (candidates(sl.state) if candidates else list(sl.state.admissible)) for i, sl in acting.items()}
         use_expert = {i: expert is not None and (ranker is None or rng.random() < beta) for i in acting}
-        to_score = [i for i in acting if not use_expert[i]]
+        to_score = [i for i in acting if ranker is not None and (score_all or not use_expert[i])]
         scores = {}
         if to_score:
             t = time.perf_counter()
@@ -112,10 +114,11 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
             else:  # any object with score(goal, observation, candidates)
                 out = [ranker.score(g, o, c) for g, o, c, _ in sets]
             clock["model_s"] += time.perf_counter() - t
-            clock["decisions"] += len(to_score)
+            clock["decisions"] += sum(not use_expert[i] for i in to_score)
             scores = {i: s.tolist() for i, s in zip(to_score, out)}
         for i, sl in acting.items():
-            extra = on_state(sl) if on_state is not None else None  # e.g. DAgger's expert label
+            # e.g. DAgger's expert label; it also sees the ranker's scores (hard negatives), when there are any
+            extra = on_state(sl, dict(zip(cands[i], scores[i])) if i in scores else None) if on_state else None
             if use_expert[i]:
                 action, score, top = expert(sl.state), None, []
                 if action is None:

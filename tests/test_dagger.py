@@ -40,6 +40,14 @@ def test_labelled_set_puts_the_label_among_admissible_negatives_with_history():
     assert cs.expert_action == "take x from a" and len(cs.candidates) == 2
     assert cs.candidates[1] in ("go to a", "look") and cs.step == 2
     assert cs.history == [["look", "You see nothing."], ["go to a", "On the a, you see a x."]]
+    # hard negatives: what the policy scores highest comes first, then its own earlier actions
+    adm = ["take x from a", "go to a", "look", "go to b", "go to c", "go to d", "inventory"]
+    slot = SimpleNamespace(state=_state("take x from a", "policy", adm), memory=mem, log=[{}, {}], task="g")
+    scores = {"go to d": 5.0, "inventory": 4.0, "take x from a": 9.0, "go to b": -1.0}
+    cs = labelled_set(slot, "take x from a", max_negatives=4, rng=random.Random(0), scores=scores)
+    # max_negatives 4: one hard (the policy's top wrong action), one of its own earlier actions, two uniform
+    assert cs.candidates[:3] == ["take x from a", "go to d", "go to a"] and len(cs.candidates) == 5
+    assert "inventory" not in cs.candidates[:3]  # only the top third are mined
     assert agreement([{"trajectory": [{"by": "policy", "action": "a", "label": "a"},
                                       {"by": "policy", "action": "b", "label": "a"},
                                       {"by": "expert", "action": "c", "label": "d"},

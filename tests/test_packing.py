@@ -320,7 +320,7 @@ def test_tiny_packed_matches_unpacked(minilm, encoded, kind):  # all 24 candidat
             torch.manual_seed(1)
             model = Reranker.from_config(_tiny(kind, minilm.tokenizer), minilm.tokenizer, packed_attention="mask")
             model.eval()
-            _check_exact(model, encoded, [PackedCollator(row_len=256), PackedCollator(row_len=1024)])
+            _check_exact(model, encoded, [PackedCollator(row_len=256)])
         # negative control (the block-mask path reads segment_ids)
         batch = PackedCollator(row_len=512)(encoded)
         diff = (_first_token_states(model, _merged_segments(batch)) - _first_token_states(model, batch)).abs()

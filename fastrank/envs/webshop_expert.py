@@ -110,16 +110,48 @@ def run_random(env: WebShopEnv, goal_index: int, rng: random.Random, *, max_step
             "steps": len(actions), "actions": actions}
 
 
+def run_first_result(env: WebShopEnv, goal_index: int) -> dict:
+    """Search the instruction, open the top hit, pick the goal's option values it offers, buy: what the
+    results-page choice is worth (the goal options are read from the goal, as the instruction states them)."""
+    state = env.reset(goal_index)
+    actions = [state.admissible[0]]
+    state = env.step(actions[0])
+    asins = [c for c in state.info["clickables"] if c not in ("back to search", "< prev", "next >")]
+    if asins:
+        actions.append(f"click[{asins[0]}]")
+        state = env.step(actions[-1])
+        for _, value in env.session.goal.goal_options:
+            if value in state.info["clickables"]:
+                actions.append(f"click[{value}]")
+                state = env.step(actions[-1])
+        actions.append("click[buy now]")
+        state = env.step(actions[-1])
+    r = state.reward if state.done else 0.0
+    return {"goal": goal_index, "reward": r, "score": 100 * r, "won": state.done and r == 1.0,
+            "steps": len(actions), "actions": actions}
+
+
 def baselines(goal_indices: list[int], *, seed: int = 0, env: WebShopEnv | None = None) -> dict:
-    """Oracle (this expert) and random-policy mean score (reward × 100) and success on these goals."""
+    """Mean score (reward × 100), success and steps on these goals of the oracle (this expert), a random
+    policy, the first-result rule and the lexical floor as a policy (15 steps)."""
     env = env or WebShopEnv()
     rng = random.Random(seed)
     out = {}
-    for name, run in (("oracle", lambda g: run_expert(env, g)), ("random", lambda g: run_random(env, g, rng))):
+    for name, run in (("oracle", lambda g: run_expert(env, g)), ("random", lambda g: run_random(env, g, rng)),
+                      ("first_result", lambda g: run_first_result(env, g))):
         eps = [run(g) for g in goal_indices]
         n = max(1, len(eps))
         out[name] = {"episodes": len(eps), "mean_score": sum(e["score"] for e in eps) / n,
                      "success_rate": sum(e["won"] for e in eps) / n, "mean_steps": sum(e["steps"] for e in eps) / n}
+    from fastrank.lexical_floor import FloorRanker
+    from fastrank.rollout import run_episodes
+
+    eps = run_episodes(lambda: env, list(goal_indices), FloorRanker(), max_steps=15, batch_size=1,
+                       close_envs=False).episodes
+    n = max(1, len(eps))
+    out["lexical_floor_policy"] = {"episodes": len(eps), "mean_score": sum(e["score"] for e in eps) / n,
+                                   "success_rate": sum(e["won"] for e in eps) / n,
+                                   "mean_steps": sum(e["steps"] for e in eps) / n}
     return out
 
 
