@@ -1,7 +1,7 @@
 """fastrank vs sentence-transformers' CrossEncoderTrainer on the same data, model, steps and token budget, in one run.
 
     OMP_NUM_THREADS=1 nice -n 19 python bench/bench_peers.py --train-sets 300 --eval-sets 100 --out runs/peers
-    (the run recorded in bench/RESULTS.md: --train-sets 128 --eval-sets 40 --max-tokens 2048, see there why)
+    (on an idle 2-core machine roughly 1 h for the four trainers and their evaluation; see bench/RESULTS.md)
 
 Trainers (each in its own spawned process, so that each one's peak RSS and CPU time are its own; one after another,
 or all four at once with --parallel, which gives them the same machine load); each process then scores its model:

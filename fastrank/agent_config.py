@@ -27,6 +27,8 @@ class AgentConfig:
     loss: str = "listwise"  # listwise (softmax CE over the set: the agent takes the argmax) | pairwise (paper)
     temperature: float = 1.0  # listwise softmax temperature
     epochs_per_round: float = 1.0
+    final_fit_epochs: float = 0.0  # > 0: after the rounds, train a fresh model on every aggregated state (DAgger's
+    #                                "train on D"); its model is the recipe's output
     lr: float = 1.0e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05

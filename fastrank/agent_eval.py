@@ -3,6 +3,7 @@
     fastrank agent-eval --env alfworld --checkpoint runs/agent_alfworld/model            # all 140 valid_seen
     fastrank agent-eval --env alfworld --split valid_unseen --games-dir DIR --checkpoint ...
     fastrank agent-eval --env scienceworld --tasks 10 --checkpoint runs/agent_alfworld/model
+    fastrank agent-eval --env webshop --goals 100 --max-steps 15 --checkpoint runs/joint3/model
 
 Several games run in lockstep and their current states are scored in one batch (`fastrank.rollout`).
 Reports success rate, mean score, steps, repeated-action rate and decisions/s, overall and per task
@@ -80,7 +81,15 @@ def _scienceworld_tasks(args: argparse.Namespace):
     return (lambda: ScienceWorldEnv(max_admissible=args.max_candidates, step_limit=args.max_steps)), pairs, guard
 
 
-TASKS = {"alfworld": _alfworld_tasks, "scienceworld": _scienceworld_tasks}
+def _webshop_tasks(args: argparse.Namespace):
+    from fastrank.envs.webshop import agent_tasks
+
+    # the test goals [0, 500) of fastrank's WebShop environment (needs the `webshop` extra)
+    make_env, goals = agent_tasks(args.goals or None)
+    return make_env, goals, None
+
+
+TASKS = {"alfworld": _alfworld_tasks, "scienceworld": _scienceworld_tasks, "webshop": _webshop_tasks}
 
 
 def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +98,7 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--games", type=int, default=0,
                    help="ALFWorld: number of games, round-robin over task types (default 0: every game of the split)")
     p.add_argument("--tasks", type=int, default=10, help="ScienceWorld: number of (task, variation) pairs")
+    p.add_argument("--goals", type=int, default=0, help="WebShop: the first N test goals (default 0: all 500)")
     p.add_argument("--split", default="valid_seen",
                    help="ALFWorld split (valid_seen, valid_unseen, valid_train, train) / ScienceWorld ETO split")
     p.add_argument("--games-dir", default=None, help="ALFWorld games: unpacked dir or the json_2.1.1 tarball")
@@ -126,7 +136,7 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
         args.games_dir = shared_data_dir() / "alfworld" / "json_2.1.1_games.tar.xz"
     ranker = Reranker.from_pretrained(args.checkpoint)
     make_env, tasks, candidates = TASKS[args.env](args)
-    batch = args.batch_size if args.env == "alfworld" else min(args.batch_size, 2)
+    batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
     res = evaluate_agent(ranker, args.env, make_env, tasks, max_steps=args.max_steps, batch_size=batch,
                          candidates=candidates, avoid_repeats=args.avoid_repeats, seed=args.seed)
     out = Path(args.out or Path(args.checkpoint) / f"agent_eval_{args.env}.jsonl")

@@ -16,6 +16,7 @@ states, model, metrics), so `resume=true` continues after the last finished roun
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -215,7 +216,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
     model.to(accelerator.device)
     aggregate, rounds, start = [], [], 0
     if cfg.resume:
-        while (out / "dagger" / f"round_{start}" / "metrics.json").exists():
+        while start < len(cfg.episodes) and (out / "dagger" / f"round_{start}" / "metrics.json").exists():
             sets, metrics = load_round(out, start)
             aggregate += sets
             rounds.append(metrics)
@@ -256,6 +257,22 @@ def run_dagger(cfg: AgentConfig) -> dict:
             save_round(out, r, model, new, metrics)
         accelerator.print("\n".join(round_table(rounds)))
     results = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "rounds": rounds}
+    if cfg.final_fit_epochs > 0:  # a fresh model on the whole aggregate, the rounds' policies only collected it
+        torch.manual_seed(cfg.seed)
+        model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
+            cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
+        model.to(accelerator.device)
+        t0 = time.perf_counter()
+        info = fit(model, aggregate, dataclasses.replace(cfg, epochs_per_round=cfg.final_fit_epochs), accelerator,
+                   seed=cfg.seed + 999, desc="final fit (all states)")
+        ev = None
+        if eval_games:
+            ro_eval = run_episodes(AlfworldEnv, _shard(eval_games, accelerator), model, max_steps=cfg.max_steps,
+                                   batch_size=cfg.batch_size, seed=cfg.seed)
+            ev = summarize(_gather(ro_eval.episodes, accelerator))
+            ev.pop("per_task_type", None)
+        results["final_fit"] = {"train": info, "eval": ev, "minutes": round((time.perf_counter() - t0) / 60, 2)}
+        accelerator.print(f"final fit on {len(aggregate)} states: {info}; eval on the fixed train games: {ev}")
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
     if cfg.final_eval_games:
@@ -279,6 +296,12 @@ def run_dagger(cfg: AgentConfig) -> dict:
 
 def write_agent_report(results: dict, out: Path) -> Path:
     lines = ["# Agent recipe: BC + DAgger in ALFWorld", "", *round_table(results["rounds"]), ""]
+    ff = results.get("final_fit")
+    if ff:
+        ev = ff["eval"] or {}
+        lines += [f"Final fit: a fresh model on all {ff['train']['sets']} aggregated states, {ff['train']['steps']} "
+                  f"steps, {ff['minutes']:.1f} min; fixed train games: success {ev.get('success_rate', float('nan')):.1%}, "
+                  f"repeats {ev.get('repeated_action_rate', float('nan')):.1%}.", ""]
     fe = results.get("final_eval")
     if fe:
         lines += [f"## Held-out games: {fe['split']} ({fe['episodes']} played)", "",

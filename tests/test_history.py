@@ -44,6 +44,15 @@ def test_candidates_are_annotated_with_what_the_episode_says_about_them():
     assert Featurizer().texts("g", "o", ["go to drawer 1"], TURNS)[1][0].startswith("action: go to drawer 1\nfeatures:")
 
 
+def test_actions_say_which_of_their_words_the_goal_names():
+    _, actions = Featurizer("history").texts("put two cellphones in drawer.", "o",
+                                             ["take cellphone 2 from bed 1", "put cellphone 2 in/on drawer 1",
+                                              "go to desk 1"], [])
+    assert actions == ["action: take cellphone 2 from bed 1 (new; goal names: cellphone)",
+                       "action: put cellphone 2 in/on drawer 1 (new; goal names: cellphone drawer)",
+                       "action: go to desk 1 (new)"]  # function words and numbers are never "named"
+
+
 def test_put_releases_and_failed_actions_do_not_count():
     turns = TURNS[:5] + [("go to fridge 1", "The fridge 1 is closed."),
                          ("put apple 1 in/on fridge 1", "You put the apple 1 in/on the fridge 1."),

@@ -129,7 +129,7 @@ def test_session_log_click_parsing(data_dir):
     assert r7["actions_decoded"][2:4] == ["click[description]", "click[< prev]"]
 
     _, report = ws.steps_from_session_logs(data_dir, goals)
-    assert report["files"] == 9
+    assert report["files"] == len(list((data_dir / "human_session_logs").glob("*.jsonl"))) > 0
     assert report["actions_decoded"] == report["states"] + sum(
         v for k, v in report["skipped"].items() if k.startswith("click state"))
 

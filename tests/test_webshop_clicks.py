@@ -126,3 +126,27 @@ def test_agent_tasks_play_in_the_rollout():
         assert [t["action"].split("[")[0] for t in ep["trajectory"]] == ["search", "click", "click"]
         assert ep["steps"] == 3 and 0.0 <= ep["score"] <= 100.0 and ep["task_type"]
     assert any(ep["score"] > 0 for ep in eps)
+
+
+def test_agent_eval_webshop_branch():
+    """`fastrank agent-eval --env webshop --goals N`: the CLI's task list and its evaluation loop."""
+    import argparse
+
+    import numpy as np
+
+    from fastrank.agent_eval import TASKS, add_agent_eval_args, evaluate_agent
+
+    p = argparse.ArgumentParser()
+    add_agent_eval_args(p)
+    args = p.parse_args(["--env", "webshop", "--checkpoint", "unused", "--goals", "3"])
+    make_env, tasks, candidates = TASKS["webshop"](args)
+    assert tasks == [0, 1, 2] and candidates is None
+
+    class BuyFirst:  # search, then the first product, then buy now
+        def score(self, goal, observation, candidates, **_):
+            return np.array([2.0 if a == "click[buy now]" else 1.0 if a[6:8] == "b0" or a.startswith("search[")
+                             else 0.0 for a in candidates])
+
+    res = evaluate_agent(BuyFirst(), "webshop", make_env, tasks, max_steps=10, batch_size=2)
+    assert res["summary"]["episodes"] == 3 and all(e["steps"] == 3 for e in res["episodes"])
+    assert res["summary"]["mean_score"] == sum(e["score"] for e in res["episodes"]) / 3

@@ -5,8 +5,11 @@
 psi gives word-level lexical alignment between the state text and the action: Jaccard coefficient,
 token coverage both ways, and bigram overlap. The state is goal + observation (the paper's Figure 1
 combines both). The ``history`` mode (not in the paper) adds a compact summary of the episode so far
-(`fastrank.data.history`) after the observation and drops the psi features (the shared-prefix encoder
-reads the action against the whole state anyway, and every feature token is paid per candidate).
+(`fastrank.data.history`) after the observation, and replaces the psi features by a short note per action:
+what the episode says about it (``new`` / ``taken 2x``, what was seen at a place already searched) and
+which of its content words the goal names (``goal names: book sidetable``) -- the grounding signal a
+compact model otherwise learns slowly (measured: a BC policy without it walked past "a book 3" on the
+table for "put some book on sidetable").
 
 The featurizer returns the text as two parts, (state, action+features), so that a
 tokenizer can truncate only the state (`truncation="only_first"`) and never cut the action or the
@@ -23,6 +26,15 @@ FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
+
+
+# words that say nothing about what an action is about (for the goal match of the ``history`` mode)
+_FUNCTION_WORDS = {"a", "an", "the", "to", "from", "in", "on", "with", "at", "of", "into", "onto", "and", "or",
+                   "go", "take", "put", "open", "close", "look", "examine", "use"}
+
+
+def _stem(w: str) -> str:
+    return w[:-1] if len(w) > 3 and w.endswith("s") else w  # "cellphones" in a goal names "cellphone 1"
 
 
 def overlap_features(state: str, action: str) -> dict[str, float]:
@@ -66,7 +78,14 @@ class Featurizer:
 
         mem = EpisodeMemory.from_turns(history or [])
         state += f" history: {mem.summary() or 'none'}"
-        return state, [f"action: {a.strip()} ({mem.annotate(a)})" for a in candidates]
+        goal_words = {_stem(w) for w in words(goal)}
+        out = []
+        for a in candidates:
+            named = [w for w in dict.fromkeys(words(a)) if w not in _FUNCTION_WORDS and not w.isdigit()
+                     and _stem(w) in goal_words]
+            note = mem.annotate(a) + (f"; goal names: {' '.join(named)}" if named else "")
+            out.append(f"action: {a.strip()} ({note})")
+        return state, out
 
     def state_text(self, goal: str, observation: str, history=None) -> str:
         return self.texts(goal, observation, [], history)[0]

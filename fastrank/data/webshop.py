@@ -10,7 +10,7 @@ the full catalog that the environment does not have:
    queries gives k Steps with the same goal/observation and different expert actions, all in the
    goal's episode. Queries are whitespace-collapsed; case/space duplicates of a goal are collapsed
    (counted). `admissible` is None: the search box accepts any text.
-2. **Session logs** (`human_session_logs/*.jsonl`, raw browsing logs of 9 pilot sessions). They record
+2. **Session logs** (`human_session_logs/*.jsonl`, raw human browsing sessions). They record
    the page *kind*, URL, goal and ids (search keywords, result ASINs, chosen options) but **no page
    text**, so only their search states can be rendered faithfully (the search page shows nothing but
    the instruction). Every other transition is decoded into the human's action (reported) and then

@@ -6,7 +6,7 @@ agent really chooses among (the ten products of a results page, paging, the opti
 now) and `sampled` ones draw other states' expert actions, as the paper does. The search-query
 states of `fastrank.data.webshop` stay a separate source.
 
-Per goal, three expert runs (states deduplicated on observation + action within the goal):
+Per goal, four expert runs (states deduplicated on observation + action within the goal):
 - `instruction`: search the full instruction, page to the target, options, buy (the oracle path);
 - `query`: search the catalog's short query for the product (more paging: `next >` states);
 - `short`: search the instruction's head, before its first " with " (other result pages);
