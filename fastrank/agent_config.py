@@ -14,7 +14,7 @@ class AgentConfig:
     max_length: int = 256  # state tokens (the history is cut first, oldest first)
     # games
     games_dir: str | None = None  # ALFWorld json_2.1.1 tarball or unpacked dir; None: ../shared/data
-    train_split: str = "train"
+    train_split: str = "train"  # ALFWorld split the rollout and eval games come from
     episodes: list[int] = field(default_factory=lambda: [160, 60, 60])  # train games played in each round
     betas: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # P(expert acts) per round; round 0 = BC
     max_steps: int = 50  # step limit per episode (ALFWorld's own evaluation limit)
@@ -26,23 +26,23 @@ class AgentConfig:
     max_train_sets: int | None = None  # per round, a seeded sample of (new + replayed) sets; None: all
     loss: str = "listwise"  # listwise (softmax CE over the set: the agent takes the argmax) | pairwise (paper)
     temperature: float = 1.0  # listwise softmax temperature
-    epochs_per_round: float = 1.0
+    epochs_per_round: float = 1.0  # passes over each round's training sets
     final_fit_epochs: float = 0.0  # > 0: after the rounds, train a fresh model on every aggregated state (DAgger's
     #                                "train on D"); its model is the recipe's output
-    lr: float = 1.0e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    grad_clip: float = 1.0
-    point_weight: float = 0.5
+    lr: float = 1.0e-4  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay (not on biases / norms)
+    warmup_ratio: float = 0.05  # linear warm-up share of each fit, then linear decay
+    grad_clip: float = 1.0  # max gradient norm (0: off)
+    point_weight: float = 0.5  # weight of the pointwise BCE term beside the ranking loss
     max_tokens: int = 8192  # token budget of one batch (shared-prefix rows count each state once)
     cpu_threads: int | None = None  # torch threads on CPU; None: all cores
     # final evaluation on held-out games (not train): 0 skips it
-    final_eval_split: str = "valid_seen"
+    final_eval_split: str = "valid_seen"  # split played after training when final_eval_games != 0
     final_eval_games: int = 0  # 0: skip; -1: every game of the split
     # ScienceWorld recipe (recipes/agent_scienceworld.py) only
     sw_episodes_per_task: int = 3  # ETO train gold paths replayed per task (24 tasks) for behaviour cloning
     max_candidates: int = 64  # evaluation: bound on the valid-action list offered (agent-eval --max-candidates)
     # bookkeeping
-    seed: int = 42
-    output_dir: str = "runs/agent_alfworld"
-    resume: bool = False
+    seed: int = 42  # seeds game order, negatives, model init
+    output_dir: str = "runs/agent_alfworld"  # rounds, model, report.md, results.json go here
+    resume: bool = False  # continue after the last finished round in output_dir

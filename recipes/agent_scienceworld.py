@@ -146,4 +146,6 @@ def main(cfg: AgentConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(recipe_config(__file__, cls=AgentConfig))
+    from fastrank.entry import run_entry
+
+    run_entry(lambda argv: main(recipe_config(__file__, argv, cls=AgentConfig)))

@@ -73,8 +73,11 @@ def test_train_writes_model_report_and_results(tiny_encoder, small_data, tmp_pat
 
 
 def test_training_learns(tiny_encoder, small_data, tmp_path):
-    """Loss goes down on the training data (the run fails loudly if the loop does not optimise)."""
-    res = train(_cfg(tiny_encoder, small_data, tmp_path / "run", "max_steps=100", "epochs=6", "eval_modes=[]", "warmup_ratio=0", "lr=3e-3"))
+    """Loss goes down on the training data (the run fails loudly if the loop does not optimise). WebShop's
+    click states are left out: their result pages do not fit the tiny model's 96 tokens, so 24 of them
+    cannot be fit and would only blur what this test checks."""
+    res = train(_cfg(tiny_encoder, small_data, tmp_path / "run", "max_steps=100", "epochs=6", "eval_modes=[]",
+                     "warmup_ratio=0", "lr=3e-3", "envs=[alfworld,scienceworld]"))
     loss = res["history"]["loss"]
     k = max(1, len(loss) // 4)
     assert sum(loss[-k:]) / k < 0.8 * sum(loss[:k]) / k
