@@ -210,6 +210,16 @@ def run_dagger(cfg: AgentConfig) -> dict:
     if sum(cfg.episodes) > len(pool):
         raise ValueError(f"{sum(cfg.episodes)} rollout episodes asked for, {len(pool)} {cfg.train_split} games")
 
+    def eval_fixed(policy) -> dict | None:
+        """The policy alone on the fixed train games (the per-round table's eval columns)."""
+        if not eval_games:
+            return None
+        ro_eval = run_episodes(AlfworldEnv, _shard(eval_games, accelerator), policy, max_steps=cfg.max_steps,
+                               batch_size=cfg.batch_size, seed=cfg.seed)
+        ev = summarize(_gather(ro_eval.episodes, accelerator))
+        ev.pop("per_task_type", None)
+        return ev
+
     torch.manual_seed(cfg.seed)
     model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
         cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
@@ -241,12 +251,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
             train_sets = rng.sample(train_sets, cfg.max_train_sets)
         train_info = fit(model, train_sets, cfg, accelerator, seed=cfg.seed + r, desc=f"round {r} train")
         aggregate += new
-        ev = None
-        if eval_games:
-            ro_eval = run_episodes(AlfworldEnv, _shard(eval_games, accelerator), model, max_steps=cfg.max_steps,
-                                   batch_size=cfg.batch_size, seed=cfg.seed)
-            ev = summarize(_gather(ro_eval.episodes, accelerator))
-            ev.pop("per_task_type", None)
+        ev = eval_fixed(model)
         metrics = {"round": r, "beta": beta, "episodes": len(episodes),
                    "rollout_success": sum(e["won"] for e in episodes) / max(1, len(episodes)),
                    "load_failures": [[e["task"], e["error"]] for e in episodes if e.get("error")],
@@ -265,12 +270,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
         t0 = time.perf_counter()
         info = fit(model, aggregate, dataclasses.replace(cfg, epochs_per_round=cfg.final_fit_epochs), accelerator,
                    seed=cfg.seed + 999, desc="final fit (all states)")
-        ev = None
-        if eval_games:
-            ro_eval = run_episodes(AlfworldEnv, _shard(eval_games, accelerator), model, max_steps=cfg.max_steps,
-                                   batch_size=cfg.batch_size, seed=cfg.seed)
-            ev = summarize(_gather(ro_eval.episodes, accelerator))
-            ev.pop("per_task_type", None)
+        ev = eval_fixed(model)
         results["final_fit"] = {"train": info, "eval": ev, "minutes": round((time.perf_counter() - t0) / 60, 2)}
         accelerator.print(f"final fit on {len(aggregate)} states: {info}; eval on the fixed train games: {ev}")
     if accelerator.is_main_process:
