@@ -151,6 +151,14 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def failed_to_load_lines(summary: dict, noun: str = "game") -> list[str]:
+    """Report lines listing what `summarize` counted under ``failed_to_load`` (none when nothing failed)."""
+    failed = summary.get("failed_to_load")
+    if not failed:
+        return []
+    return ["", f"{failed['count']} {noun}(s) failed to load:", *[f"- {g}: {why}" for g, why in failed["games"]]]
+
+
 def summarize(episodes: list[dict]) -> dict:
     """Success, score and steps overall and per task type, and how often the agent repeated itself
     (an action already taken in the episode: the looping the GCD paper counts). Games that failed to

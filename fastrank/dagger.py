@@ -295,6 +295,8 @@ def run_dagger(cfg: AgentConfig) -> dict:
 
 
 def write_agent_report(results: dict, out: Path) -> Path:
+    from fastrank.agent_eval import failed_to_load_lines
+
     lines = ["# Agent recipe: BC + DAgger in ALFWorld", "", *round_table(results["rounds"]), ""]
     ff = results.get("final_fit")
     if ff:
@@ -311,9 +313,7 @@ def write_agent_report(results: dict, out: Path) -> Path:
         for t, a in fe["per_task_type"].items():
             lines.append(f"| {t} | {a['episodes']} | {a['success_rate']:.1%} | {a['mean_steps']:.1f} | "
                          f"{a['repeated_action_rate']:.1%} |")
-        if fe.get("failed_to_load"):
-            lines += ["", f"{fe['failed_to_load']['count']} game(s) failed to load:",
-                      *[f"- {g}: {why}" for g, why in fe["failed_to_load"]["games"]]]
+        lines += failed_to_load_lines(fe)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

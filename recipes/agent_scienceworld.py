@@ -84,9 +84,9 @@ def write_report(results: dict, out: Path) -> Path:
         last = e["trajectory"][-1]["action"] if e["trajectory"] else "—"
         lines.append(f"| {e['task']} | {e['score']:.0f} | {'yes' if e['won'] else 'no'} | {e['steps']} | "
                      f"{e['repeats']} | {foc} | {last} |")
-    if ev.get("failed_to_load"):
-        lines += ["", f"{ev['failed_to_load']['count']} task(s) failed to load:",
-                  *[f"- {g}: {why}" for g, why in ev["failed_to_load"]["games"]]]
+    from fastrank.agent_eval import failed_to_load_lines
+
+    lines += failed_to_load_lines(ev, noun="task")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

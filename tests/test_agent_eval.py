@@ -47,6 +47,11 @@ def test_games_that_fail_to_load_are_counted_and_listed_not_dropped():
     s = summarize([ok, bad])
     assert s["episodes"] == 1 and s["success_rate"] == 1.0  # rates over the games actually played
     assert s["failed_to_load"] == {"count": 1, "games": [["g/broken", "GameLoadError: game loader called sys.exit(1)"]]}
+    from fastrank.agent_eval import failed_to_load_lines
+
+    assert failed_to_load_lines(s, noun="task") == ["", "1 task(s) failed to load:",
+                                                     "- g/broken: GameLoadError: game loader called sys.exit(1)"]
+    assert failed_to_load_lines(summarize([ok])) == []
 
 
 def test_run_episodes_reports_a_game_that_fails_to_load():
