@@ -30,6 +30,7 @@ class AgentConfig:
     final_fit_epochs: float = 0.0  # > 0: after the rounds, train a fresh model on every aggregated state (DAgger's
     #                                "train on D"); its model is the recipe's output
     lr: float = 1.0e-4  # AdamW learning rate
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes), as in the trainer's build_optimizer
     weight_decay: float = 0.01  # AdamW weight decay (not on biases / norms)
     warmup_ratio: float = 0.05  # linear warm-up share of each fit, then linear decay
     grad_clip: float = 1.0  # max gradient norm (0: off)

@@ -31,6 +31,7 @@ from fastrank.agent_config import AgentConfig
 from fastrank.data.record import CandidateSet, read_records, write_records
 from fastrank.ops import listwise_rank_loss, pairwise_rank_loss
 from fastrank.packing import TokenBudgetBatchSampler
+from fastrank.train import build_optimizer, linear_warmup
 from fastrank.rollout import Slot, run_episodes
 
 
@@ -95,12 +96,8 @@ def fit(model, sets: list[CandidateSet], cfg: AgentConfig, accelerator: Accelera
     sampler = TokenBudgetBatchSampler([e.n_tokens for e in encoded], cfg.max_tokens, shuffle=True, seed=seed,
                                       num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     total = max(1, math.ceil(len(sampler) * cfg.epochs_per_round))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    warm = max(1, math.ceil(cfg.warmup_ratio * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    opt = build_optimizer(cfg, model)  # the trainer's AdamW groups (no decay on biases / norms)
+    sched = linear_warmup(opt, max(1, math.ceil(cfg.warmup_ratio * total)), total)
     ddp, opt, sched = accelerator.prepare(model, opt, sched)
     collate, step, t0, losses, hits_all = model.collator(), 0, time.perf_counter(), [], []
     ddp.train()
@@ -220,10 +217,13 @@ def run_dagger(cfg: AgentConfig) -> dict:
         ev.pop("per_task_type", None)
         return ev
 
-    torch.manual_seed(cfg.seed)
-    model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
-        cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
-    model.to(accelerator.device)
+    def new_model() -> Reranker:
+        torch.manual_seed(cfg.seed)
+        fresh = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
+            cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
+        return fresh.to(accelerator.device)
+
+    model = new_model()
     aggregate, rounds, start = [], [], 0
     if cfg.resume:
         while start < len(cfg.episodes) and (out / "dagger" / f"round_{start}" / "metrics.json").exists():
@@ -263,10 +263,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
         accelerator.print("\n".join(round_table(rounds)))
     results = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "rounds": rounds}
     if cfg.final_fit_epochs > 0:  # a fresh model on the whole aggregate, the rounds' policies only collected it
-        torch.manual_seed(cfg.seed)
-        model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
-            cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
-        model.to(accelerator.device)
+        model = new_model()
         t0 = time.perf_counter()
         info = fit(model, aggregate, dataclasses.replace(cfg, epochs_per_round=cfg.final_fit_epochs), accelerator,
                    seed=cfg.seed + 999, desc="final fit (all states)")
