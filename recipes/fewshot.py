@@ -75,6 +75,7 @@ def main(path: Path, overrides: list[str] = ()) -> None:
     for block in ("pretrain", "finetune"):  # fail on a bad key before hours of pretraining, not after
         if block in spec:
             block_config(spec, block, str(path))
+    from fastrank.lexical_floor import floor_for_run
     from fastrank.train import train  # here, not at the top: --help and config errors need no torch
 
     out = Path(spec["output_dir"])
@@ -92,11 +93,17 @@ def main(path: Path, overrides: list[str] = ()) -> None:
         res = train(ft)
         rows.append((frac, res["train_sets"], res["eval"]["sampled"][target]["net_gain"]))
     full = rows[-1][2] if fractions[-1] == 1 else None
+    floor = floor_for_run(res["config"])["sampled"][target]["net_gain"]  # every fraction has the same eval sets
     lines = [f"# Few-shot: ALFWorld-pretrained → {target}", "",
-             "| fine-tuning data | training sets | net gain | % of full |", "|---|---|---|---|"]
+             "| fine-tuning data | training sets | net gain | % of full | model − lexical floor |",
+             "|---|---|---|---|---|",
+             f"| lexical floor (no training) | 0 | {floor:+.3f} | "
+             f"{f'{100 * floor / full:.0f}%' if full else '—'} | — |"]
     for frac, n, ng in rows:
         pct = f"{100 * ng / full:.0f}%" if full else "—"
-        lines.append(f"| {100 * frac:.1f}% | {n} | {ng:+.3f} | {pct} |")
+        lines.append(f"| {100 * frac:.1f}% | {n} | {ng:+.3f} | {pct} | {ng - floor:+.3f} |")
+    lines += ["", "Lexical floor: each candidate scored by the share of its words found in goal + observation, "
+              "on the same `sampled` eval sets (`fastrank.lexical_floor`)."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(rows))
     print(f"report: {out / 'report.md'}")

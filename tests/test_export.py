@@ -45,9 +45,9 @@ def hf_logits(hf, tok, model, cs):
         return hf(**enc).logits.squeeze(-1).float()
 
 
-def assert_same_scores(model, other, sets):
+def assert_same_scores(model, other, sets, tol=1e-5):
     worst = max(float((model.score(cs.goal, cs.observation, cs.candidates) - other(cs)).abs().max()) for cs in sets)
-    assert worst <= 1e-5, worst
+    assert worst <= tol, worst
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +168,23 @@ def test_multi_label_classifier_is_refused(tokenizer, tmp_path):
     save_cross_encoder(tiny_bert(tokenizer, num_labels=3), tokenizer, tmp_path / "ce3")
     with pytest.raises(ValueError, match="3 labels"):
         Reranker.from_encoder(str(tmp_path / "ce3"))
+
+
+def test_routed_wrapper_keeps_the_imported_head(tokenizer, sets, tmp_path):
+    from fastrank.routing.model import RoutedReranker
+
+    hf = save_cross_encoder(tiny_bert(tokenizer, num_labels=1), tokenizer, tmp_path / "ce")
+    model = Reranker.from_encoder(str(tmp_path / "ce"), max_length=256).eval()
+    routed = RoutedReranker.from_reranker(model).eval()  # LoRA B starts at 0: same function as the base
+    assert routed.pooler is not None  # a fresh linear head would be off by O(1), not by the LoRA path's rounding
+    assert_same_scores(routed, lambda cs: hf_logits(hf, tokenizer, model, cs), sets, tol=2e-4)
+    routed.save_pretrained(tmp_path / "routed")
+    assert RoutedReranker.from_pretrained(tmp_path / "routed").pooler is not None
+
+
+def test_routing_refuses_the_shared_prefix_layout(tokenizer, tmp_path):
+    from fastrank.routing.model import RoutedReranker
+
+    save_cross_encoder(tiny_bert(tokenizer, num_labels=1), tokenizer, tmp_path / "ce")
+    with pytest.raises(ValueError, match="layout='pairs'"):
+        RoutedReranker.from_reranker(Reranker.from_encoder(str(tmp_path / "ce"), layout="shared_prefix"))

@@ -43,6 +43,9 @@ def test_fewshot_recipe(tiny_encoder, small_data, tmp_path):
     assert rows[0][1] == 0 and 0 < rows[1][1] < rows[2][1] == 24  # training sets at 0 %, 50 %, 100 %
     report = (tmp_path / "fs" / "report.md").read_text()
     assert "| 50.0% |" in report and "% of full" in report
+    from fastrank.lexical_floor import floor_for_run
+    floor = floor_for_run(json.loads((tmp_path / "fs" / "frac_1" / "results.json").read_text())["config"])
+    assert f"| lexical floor (no training) | 0 | {floor['sampled']['webshop']['net_gain']:+.3f} |" in report
     # the 0 % row evaluates the pretrained model unchanged
     assert (tmp_path / "fs" / "frac_0" / "model" / "model.safetensors").is_file()
     # a second target reuses the pretrained model instead of training it again

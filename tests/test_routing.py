@@ -590,3 +590,23 @@ def test_two_cpu_processes_keep_routed_parameters_identical(tiny_encoder, small_
     hist = res["routing_diagnostics"]["history"]
     assert [h["lora_frozen"] for h in hist] == [True, True, False, False]
     assert (out / "comparison.md").exists()
+
+
+def test_comparison_table_shows_the_lexical_floor(small_data):
+    from types import SimpleNamespace
+
+    from fastrank.lexical_floor import floor_for_run
+    from fastrank.routing.compare import _comparison_md, _mean_floor
+
+    configs = [{"data_dir": str(small_data), "seed": s, "max_eval_sets": 4, "eval_modes": ["sampled"]} for s in (1, 2)]
+    floor = _mean_floor(configs, ["sampled"])
+    want = sum(floor_for_run(c)["sampled"]["alfworld"]["net_gain"] for c in configs) / 2
+    assert floor["sampled"]["alfworld"] == pytest.approx(want)
+    assert _mean_floor([{"data_dir": "/no/such/dir", "eval_modes": ["sampled"]}], ["sampled"]) == {}
+    agg = {"sampled": {env: {"net_gain_mean": 0.5, "net_gain_std": 0.0, "values": [0.5, 0.5]}
+                       for env in floor["sampled"]}}
+    arm = {"diverged_seeds": [], "aggregate": agg, "aggregate_non_diverged": None, "train_seconds": [1, 1]}
+    cfg = SimpleNamespace(routing=True, lora_r=8, lora_alpha=16, router_warmup_steps=0, grad_projection="none",
+                          output_dir="out", model="tiny", envs=["alfworld"])
+    md = _comparison_md({"seeds": [1, 2], "arms": {"routed": arm, "baseline": arm}, "lexical_floor": floor}, cfg)
+    assert f"| +0.000 | {floor['sampled']['alfworld']:+.3f} |" in md and "Lexical floor" in md

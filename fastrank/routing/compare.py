@@ -47,12 +47,26 @@ def run_comparison(cfg, *, baseline: bool = True) -> dict:
                                        if ok and diverged else None),
             "train_seconds": [by_seed[s].get("train_seconds") for s in seeds],
         }
+    summary["lexical_floor"] = _mean_floor([runs["routed"][s]["config"] for s in seeds], modes)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "comparison.json").write_text(json.dumps(summary, indent=1))
         (out / "comparison.md").write_text(_comparison_md(summary, cfg))
         print(f"report: {out / 'comparison.md'}")
     return summary
+
+
+def _mean_floor(configs: list[dict], modes: list[str]) -> dict:
+    """{mode: {env: net gain}} of the zero-training lexical floor, averaged over the seeds' eval samples
+    (each seed draws its own); {} when the eval sets cannot be reloaded (a data_dir since removed)."""
+    from fastrank.lexical_floor import floor_for_run
+
+    try:
+        floors = [floor_for_run(c) for c in configs]
+    except (OSError, ValueError):
+        return {}
+    return {m: {env: sum(f[m][env]["net_gain"] for f in floors) / len(floors) for env in floors[0][m]}
+            for m in modes if all(m in f for f in floors)}
 
 
 def _comparison_md(summary: dict, cfg) -> str:
@@ -71,9 +85,10 @@ def _comparison_md(summary: dict, cfg) -> str:
     for mode in arms["routed"]["aggregate"]:
         lines += [f"## `{mode}` negatives: net gain", "",
                   "| environment | " + " | ".join(f"{arm} mean ± std" for arm in arms) +
-                  (" | Δ (routed − baseline) |" if "baseline" in arms else " |") + " per seed (" +
-                  " / ".join(str(s) for s in seeds) + ") |",
-                  "|---|" + "---|" * len(arms) + ("---|" if "baseline" in arms else "") + "---|"]
+                  (" | Δ (routed − baseline) |" if "baseline" in arms else " |") + " lexical floor |" +
+                  " per seed (" + " / ".join(str(s) for s in seeds) + ") |",
+                  "|---|" + "---|" * len(arms) + ("---|" if "baseline" in arms else "") + "---|---|"]
+        floor = summary.get("lexical_floor", {}).get(mode, {})
         envs = arms["routed"]["aggregate"][mode]
         for env in envs:
             cells, per = [], []
@@ -86,7 +101,8 @@ def _comparison_md(summary: dict, cfg) -> str:
             if "baseline" in arms:
                 d = envs[env]["net_gain_mean"] - arms["baseline"]["aggregate"][mode][env]["net_gain_mean"]
                 delta = f" {d:+.3f} |"
-            lines.append(f"| {env} | " + " | ".join(cells) + f" |{delta} " + "; ".join(per) + " |")
+            fl = f" {floor[env]:+.3f} |" if env in floor else " — |"
+            lines.append(f"| {env} | " + " | ".join(cells) + f" |{delta}{fl} " + "; ".join(per) + " |")
         lines.append("")
         for arm, a in arms.items():
             if a["aggregate_non_diverged"]:
@@ -94,7 +110,9 @@ def _comparison_md(summary: dict, cfg) -> str:
                 lines.append(f"{arm} without diverged seeds: combined {g['net_gain_mean']:+.3f} ± "
                              f"{g['net_gain_std']:.3f} over {g['runs']} seed(s).")
         lines.append("")
-    lines += ["`*` = run flagged diverged. Train seconds per seed: " +
+    lines += ["Lexical floor: no training, each candidate scored by the share of its words found in goal + "
+              "observation, on the same eval sets (mean over the seeds; `fastrank.lexical_floor`).",
+              "`*` = run flagged diverged. Train seconds per seed: " +
               "; ".join(f"{arm} {a['train_seconds']}" for arm, a in arms.items()), ""]
     return "\n".join(lines)
 

@@ -232,10 +232,15 @@ class RoutedReranker(Reranker):
     @classmethod
     def from_reranker(cls, base: Reranker, routing: RoutingConfig | dict | None = None) -> "RoutedReranker":
         """Wrap a plain reranker (e.g. a trained joint3 checkpoint): its encoder and heads are kept as they are."""
+        if base.layout != "pairs":  # the router reads one first token per candidate row
+            raise ValueError(f"routing needs layout='pairs'; this reranker uses layout={base.layout!r}")
         model = cls(base.encoder, base.tokenizer, base.featurizer, routing=routing, max_length=base.max_length,
                     row_len=base.row_len, aux_heads=base.aux_head_sizes,
-                    packed_attention="varlen" if base.varlen else "mask")
+                    packed_attention="varlen" if base.varlen else "mask",
+                    head_pooler=base.pooler is not None)
         model.head.load_state_dict(base.head.state_dict())
+        if base.pooler is not None:  # an imported cross-encoder's trained pooler is part of its head
+            model.pooler.load_state_dict(base.pooler.state_dict())
         model.aux_heads.load_state_dict(base.aux_heads.state_dict())
         return model.to(base.device)
 
