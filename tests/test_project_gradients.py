@@ -263,7 +263,9 @@ def test_backends_agree_and_validation(monkeypatch):
     for method in ("pcgrad", "cagrad"):
         a = project_gradients(x, method, generator=_gen(seed=0), backend="triton")
         b = project_gradients(x, method, generator=_gen(seed=0), backend="torch")
-        _close(a, b, 1e-4)
+        # CAGrad's weights come out of an iterative inner solve that amplifies fp32 reduction-order differences
+        # between the two backends (measured 1.9e-4 on an AMX Xeon, below 1e-4 on AVX2); PCGrad is closed-form.
+        _close(a, b, 1e-4 if method == "pcgrad" else 5e-4)
     with pytest.raises(ValueError):
         project_gradients(x, "mgda")
     with pytest.raises(ValueError):
