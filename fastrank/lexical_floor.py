@@ -70,6 +70,25 @@ def floor_for_run(config: dict) -> dict:
     return {mode: floor_report(sets) for mode, sets in eval_sets_like_training(config).items() if sets}
 
 
+FLOOR_NOTE = ("Lexical floor: no training, each candidate scored by the share of its words found in goal + "
+              "observation, on the same eval sets (`python -m fastrank.lexical_floor`).")
+
+
+def mean_floor(configs: Sequence[dict]) -> dict:
+    """{mode: {env: net gain}} of the floor averaged over several runs' eval sets (each seed draws its own
+    sample, so the floor is averaged over the same samples as the model); {} when any run's eval sets
+    cannot be reloaded (a data_dir since removed), so a table shows "—" rather than a partial mean."""
+    try:
+        floors = [floor_for_run(c) for c in configs]
+    except (OSError, ValueError):
+        return {}
+    if not floors:
+        return {}
+    return {m: {env: sum(f[m][env]["net_gain"] for f in floors) / len(floors) for env in floors[0][m]
+                if all(env in f[m] for f in floors)}
+            for m in floors[0] if all(m in f for f in floors)}
+
+
 def by_task_type(sets: Sequence[CandidateSet], scores: Sequence[Sequence[float]]) -> dict:
     """net gain per (env, task type) — WebShop's task types are page kinds (search / results / item)."""
     groups: dict[str, list[int]] = defaultdict(list)

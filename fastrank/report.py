@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fastrank.lexical_floor import FLOOR_NOTE, mean_floor  # noqa: E402
+
 
 def net_gain_bars(runs: dict[str, dict], path: Path, title: str = "net gain (clean eval split)") -> None:
     """runs: {run name: net_gain_report}; one bar group per environment, one bar per run."""
@@ -82,8 +84,7 @@ def write_report(results: dict, out: Path) -> Path:
     for mode, rep in results["eval"].items():
         lines += [f"## Clean eval split, `{mode}` negatives", ""] + eval_table(rep, floors.get(mode)) + [""]
     if floors:
-        lines += ["Lexical floor: no training, each candidate scored by the share of its words found in goal + "
-                  "observation (`python -m fastrank.lexical_floor`).", ""]
+        lines += [FLOOR_NOTE, ""]
     elif why:
         lines += [why, ""]
     if results["eval"]:
@@ -105,15 +106,13 @@ def write_seed_report(agg: dict, runs: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"aggregate": agg, "seeds": list(runs)}, indent=1))
     lines = [f"# fastrank multi-seed run: {out.name}", "", f"seeds {list(runs)}", ""]
-    # Each seed draws its own eval sample: the floor is averaged over the same samples as the model.
-    floors = [_floors(r["config"])[0] for r in runs.values() if isinstance(r, dict) and "config" in r]
+    floor = mean_floor([r["config"] for r in runs.values() if isinstance(r, dict) and "config" in r])
     for mode, by_env in agg.items():
         lines += [f"## `{mode}` negatives", "", "| environment | net gain mean ± std | per seed | lexical floor (mean) |",
                   "|---|---|---|---|"]
         for env, a in by_env.items():
             per = " / ".join(f"{v:+.3f}" for v in a["values"])
-            vals = [f[mode][env]["net_gain"] for f in floors if env in f.get(mode, {})]
-            fl = f"{sum(vals) / len(vals):+.3f}" if floors and len(vals) == len(floors) else "—"
+            fl = f"{floor[mode][env]:+.3f}" if env in floor.get(mode, {}) else "—"
             lines.append(f"| {env} | **{a['net_gain_mean']:+.3f} ± {a['net_gain_std']:.3f}** | {per} | {fl} |")
         lines.append("")
     path = out / "report.md"

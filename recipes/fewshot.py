@@ -75,7 +75,7 @@ def main(path: Path, overrides: list[str] = ()) -> None:
     for block in ("pretrain", "finetune"):  # fail on a bad key before hours of pretraining, not after
         if block in spec:
             block_config(spec, block, str(path))
-    from fastrank.lexical_floor import floor_for_run
+    from fastrank.lexical_floor import FLOOR_NOTE, floor_for_run
     from fastrank.train import train  # here, not at the top: --help and config errors need no torch
 
     out = Path(spec["output_dir"])
@@ -102,8 +102,7 @@ def main(path: Path, overrides: list[str] = ()) -> None:
     for frac, n, ng in rows:
         pct = f"{100 * ng / full:.0f}%" if full else "—"
         lines.append(f"| {100 * frac:.1f}% | {n} | {ng:+.3f} | {pct} | {ng - floor:+.3f} |")
-    lines += ["", "Lexical floor: each candidate scored by the share of its words found in goal + observation, "
-              "on the same `sampled` eval sets (`fastrank.lexical_floor`)."]
+    lines += ["", FLOOR_NOTE]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(rows))
     print(f"report: {out / 'report.md'}")

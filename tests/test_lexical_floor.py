@@ -43,3 +43,16 @@ def test_report_puts_the_floor_beside_the_model(tmp_path):
     assert "| lexical floor | model − floor |" in text
     assert f"| {floor['webshop']['net_gain']:+.3f} | +0.100 |" in text
     assert eval_table(model)[0].count("|") == 6  # without a floor: the old table
+
+
+def test_seed_report_averages_the_floor_over_each_seeds_own_eval_sample(tmp_path):
+    from fastrank.lexical_floor import floor_for_run
+    from fastrank.report import write_seed_report
+
+    configs = {s: to_dict(TrainConfig(max_eval_sets=6, eval_modes=["sampled"], seed=s)) for s in (1, 2)}
+    floors = [floor_for_run(c)["sampled"]["webshop"]["net_gain"] for c in configs.values()]
+    agg = {"sampled": {"webshop": {"net_gain_mean": 0.5, "net_gain_std": 0.0, "values": [0.5, 0.5]}}}
+    text = write_seed_report(agg, {s: {"config": c} for s, c in configs.items()}, tmp_path).read_text()
+    assert f"| +0.500 / +0.500 | {sum(floors) / 2:+.3f} |" in text
+    gone = {s: {"config": {**c, "data_dir": str(tmp_path / "gone")}} for s, c in configs.items()}
+    assert "| +0.500 / +0.500 | — |" in write_seed_report(agg, gone, tmp_path).read_text()  # no partial mean

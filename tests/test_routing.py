@@ -595,14 +595,14 @@ def test_two_cpu_processes_keep_routed_parameters_identical(tiny_encoder, small_
 def test_comparison_table_shows_the_lexical_floor(small_data):
     from types import SimpleNamespace
 
-    from fastrank.lexical_floor import floor_for_run
-    from fastrank.routing.compare import _comparison_md, _mean_floor
+    from fastrank.lexical_floor import floor_for_run, mean_floor
+    from fastrank.routing.compare import _comparison_md
 
     configs = [{"data_dir": str(small_data), "seed": s, "max_eval_sets": 4, "eval_modes": ["sampled"]} for s in (1, 2)]
-    floor = _mean_floor(configs, ["sampled"])
+    floor = mean_floor(configs)
     want = sum(floor_for_run(c)["sampled"]["alfworld"]["net_gain"] for c in configs) / 2
     assert floor["sampled"]["alfworld"] == pytest.approx(want)
-    assert _mean_floor([{"data_dir": "/no/such/dir", "eval_modes": ["sampled"]}], ["sampled"]) == {}
+    assert mean_floor([{"data_dir": "/no/such/dir", "eval_modes": ["sampled"]}]) == {}
     agg = {"sampled": {env: {"net_gain_mean": 0.5, "net_gain_std": 0.0, "values": [0.5, 0.5]}
                        for env in floor["sampled"]}}
     arm = {"diverged_seeds": [], "aggregate": agg, "aggregate_non_diverged": None, "train_seconds": [1, 1]}

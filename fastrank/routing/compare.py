@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from fastrank.lexical_floor import FLOOR_NOTE, mean_floor
+
 
 # ------------------------------------------------------------------------------------ multi-seed comparison
 def run_comparison(cfg, *, baseline: bool = True) -> dict:
@@ -47,26 +49,14 @@ def run_comparison(cfg, *, baseline: bool = True) -> dict:
                                        if ok and diverged else None),
             "train_seconds": [by_seed[s].get("train_seconds") for s in seeds],
         }
-    summary["lexical_floor"] = _mean_floor([runs["routed"][s]["config"] for s in seeds], modes)
+    summary["lexical_floor"] = {m: f for m, f in mean_floor([runs["routed"][s]["config"] for s in seeds]).items()
+                                if m in modes}
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "comparison.json").write_text(json.dumps(summary, indent=1))
         (out / "comparison.md").write_text(_comparison_md(summary, cfg))
         print(f"report: {out / 'comparison.md'}")
     return summary
-
-
-def _mean_floor(configs: list[dict], modes: list[str]) -> dict:
-    """{mode: {env: net gain}} of the zero-training lexical floor, averaged over the seeds' eval samples
-    (each seed draws its own); {} when the eval sets cannot be reloaded (a data_dir since removed)."""
-    from fastrank.lexical_floor import floor_for_run
-
-    try:
-        floors = [floor_for_run(c) for c in configs]
-    except (OSError, ValueError):
-        return {}
-    return {m: {env: sum(f[m][env]["net_gain"] for f in floors) / len(floors) for env in floors[0][m]}
-            for m in modes if all(m in f for f in floors)}
 
 
 def _comparison_md(summary: dict, cfg) -> str:
@@ -110,8 +100,7 @@ def _comparison_md(summary: dict, cfg) -> str:
                 lines.append(f"{arm} without diverged seeds: combined {g['net_gain_mean']:+.3f} ± "
                              f"{g['net_gain_std']:.3f} over {g['runs']} seed(s).")
         lines.append("")
-    lines += ["Lexical floor: no training, each candidate scored by the share of its words found in goal + "
-              "observation, on the same eval sets (mean over the seeds; `fastrank.lexical_floor`).",
+    lines += [FLOOR_NOTE + " Mean over the seeds.",
               "`*` = run flagged diverged. Train seconds per seed: " +
               "; ".join(f"{arm} {a['train_seconds']}" for arm, a in arms.items()), ""]
     return "\n".join(lines)
