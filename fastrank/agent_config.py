@@ -42,6 +42,9 @@ class AgentConfig:
     final_eval_games: int = 0  # 0: skip; -1: every game of the split
     # ScienceWorld recipe (recipes/agent_scienceworld.py) only
     sw_episodes_per_task: int = 3  # ETO train gold paths replayed per task (24 tasks) for behaviour cloning
+    # WebShop recipe (recipes/agent_webshop.py) only
+    ws_runs_per_goal: int = 2  # reward-teacher episodes per leak-free goal (run 0 without detours)
+    ws_detour_prob: float = 0.3  # per results / item page of runs 1+: a detour taken first (recovery states)
     max_candidates: int = 64  # evaluation: bound on the valid-action list offered (agent-eval --max-candidates)
     # bookkeeping
     seed: int = 42  # seeds game order, negatives, model init

@@ -178,7 +178,7 @@ def score_sets(model: Reranker, sets: list[CandidateSet], accelerator: Accelerat
                desc: str = "scoring") -> list[list[float]]:
     """Scores per candidate for every set, each rank scoring its shard; gathered on every rank."""
     model.eval()
-    encoded = encode_sets(sets, model.tokenizer, model.featurizer, model.max_length)
+    encoded = model.encode_sets(sets)  # in the model's layout (pairs or shared prefix)
     sampler = TokenBudgetBatchSampler([e.n_tokens for e in encoded], max_tokens, shuffle=False,
                                       num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     collate = model.collator()

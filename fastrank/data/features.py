@@ -30,7 +30,7 @@ def words(text: str) -> list[str]:
 
 # words that say nothing about what an action is about (for the goal match of the ``history`` mode)
 _FUNCTION_WORDS = {"a", "an", "the", "to", "from", "in", "on", "with", "at", "of", "into", "onto", "and", "or",
-                   "go", "take", "put", "open", "close", "look", "examine", "use"}
+                   "go", "take", "put", "open", "close", "look", "examine", "use", "for", "me", "find", "by"}
 
 
 def _stem(w: str) -> str:
@@ -76,15 +76,19 @@ class Featurizer:
             return state, [self.action_text(goal, observation, a) for a in candidates]
         from fastrank.data.history import EpisodeMemory
 
+        from fastrank.data.page_context import listing_text, page_listing
+
         mem = EpisodeMemory.from_turns(history or [])
         state += f" history: {mem.summary() or 'none'}"
         goal_words = {_stem(w) for w in words(goal)}
+        listing = page_listing(observation)
         out = []
         for a in candidates:
-            named = [w for w in dict.fromkeys(words(a)) if w not in _FUNCTION_WORDS and not w.isdigit()
+            shown = listing_text(goal, listing, a) if listing else ""  # a product id gets its title and price
+            named = [w for w in dict.fromkeys(words(a + shown)) if w not in _FUNCTION_WORDS and not w.isdigit()
                      and _stem(w) in goal_words]
             note = mem.annotate(a) + (f"; goal names: {' '.join(named)}" if named else "")
-            out.append(f"action: {a.strip()} ({note})")
+            out.append(f"action: {a.strip()}{shown} ({note})")
         return state, out
 
     def state_text(self, goal: str, observation: str, history=None) -> str:

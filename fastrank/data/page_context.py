@@ -1,0 +1,63 @@
+"""What the page says about a candidate that names only an id: the listing text beside it.
+
+On a WebShop results page the clickables are ASINs (``click[b01i5b1q1m]``) while the product's title
+and price sit elsewhere in a long observation (``... [SEP] B01I5B1Q1M [SEP] Walker Edison ... Bar
+Stool, Black [SEP] $59.99 [SEP] ...``). A cross-encoder with a state budget of a few hundred tokens
+sees one or two of the ten products, and a shared-prefix encoder has to link the id to its title
+across the prefix. Putting the listing text beside the action makes every candidate self-describing
+(and lets the featurizer's "goal names" note see the title's words). A listing is any segment that is
+a bare id followed, within a few segments, by a price (``$...``); observations without one (ALFWorld,
+ScienceWorld) are untouched.
+"""
+from __future__ import annotations
+
+import re
+
+SEP = " [SEP] "
+_ID = re.compile(r"[A-Za-z0-9]{6,16}")
+_PRICE = re.compile(r"\$\s?(\d[\d,]*(?:\.\d+)?)")
+_BUDGET = re.compile(r"price lower than \$?(\d[\d,]*(?:\.\d+)?)", re.I)
+TITLE_WORDS = 20  # ten products x 20 words keeps the candidate side of a results page near 400 tokens
+
+
+def page_listing(observation: str, max_gap: int = 3) -> dict[str, tuple[str, str]]:
+    """{id (lower case): (title, price text)} for every id on the page that a price follows."""
+    if SEP not in observation:
+        return {}
+    seg = observation.split(SEP)
+    out = {}
+    for i, s in enumerate(seg):
+        if not (_ID.fullmatch(s) and any(ch.isdigit() for ch in s)):
+            continue
+        for j in range(i + 1, min(len(seg), i + 2 + max_gap)):
+            if seg[j].startswith("$"):
+                if j > i + 1:
+                    out[s.lower()] = (" ".join(seg[i + 1:j]), seg[j])
+                break
+    return out
+
+
+def budget(goal: str) -> float | None:
+    """The goal's price limit ("... and price lower than 90.00 dollars"), or None."""
+    m = _BUDGET.search(goal)
+    return float(m.group(1).replace(",", "")) if m else None
+
+
+def within_budget(price_text: str, limit: float) -> bool | None:
+    """Whether the lowest price shown ("$44.99 to $33.98" -> 33.98) is under the limit."""
+    prices = [float(p.replace(",", "")) for p in _PRICE.findall(price_text)]
+    return min(prices) < limit if prices else None
+
+
+def listing_text(goal: str, listing: dict[str, tuple[str, str]], action: str) -> str:
+    """' = <title> <price>[ (under|over budget)]' for a click on a listed id, else ''."""
+    m = re.fullmatch(r"\s*click\[(.+)\]\s*", action)
+    hit = listing.get(m.group(1).strip().lower()) if m else None
+    if hit is None:
+        return ""
+    title, price = hit
+    words = title.split()
+    text = " = " + " ".join(words[:TITLE_WORDS]) + (" ..." if len(words) > TITLE_WORDS else "") + f" {price}"
+    limit = budget(goal)
+    ok = within_budget(price, limit) if limit is not None else None
+    return text + ("" if ok is None else " under budget" if ok else " over budget")

@@ -1,0 +1,148 @@
+"""A history-aware reranker agent for WebShop: behaviour cloning on a reward teacher, then the 500 test goals.
+
+    accelerate launch recipes/agent_webshop.py                        # agent_webshop.yaml: CPU-sized
+    accelerate launch recipes/agent_webshop.py ws_runs_per_goal=4 max_train_sets=null epochs_per_round=3
+
+Training sets: `fastrank.data.webshop_agent` (the teacher's episodes over the 745 leak-free goals, with
+detours for recovery states; every page action a candidate; history per state). Training:
+`fastrank.dagger.fit` (listwise loss). Evaluation: exactly `fastrank agent-eval --env webshop --goals N
+--max-steps S`, beside the reference policies on the same goals (oracle, the teacher, first result,
+random, the lexical floor as a policy) and the net gain on the bundled WebShop click eval states beside
+the lexical floor. Writes `<output_dir>/model`, `agent_eval_webshop.jsonl`, `results.json`, `report.md`.
+"""
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from fastrank.agent_config import AgentConfig
+from fastrank.config import recipe_config
+
+
+def reference_policies(goals: list[int], max_steps: int) -> dict:
+    """The README's reference policies and the reward teacher (an oracle: it reads the reward) on `goals`."""
+    from fastrank.data.webshop_agent import teacher_action
+    from fastrank.envs.webshop import WebShopEnv
+    from fastrank.envs.webshop_expert import baselines
+
+    env = WebShopEnv()
+    out = baselines(goals, env=env)
+    rewards = []
+    for g in goals:
+        state, steps = env.reset(g), 0
+        while not state.done and steps < max_steps and (a := teacher_action(env, state)) is not None:
+            state, steps = env.step(a), steps + 1
+        rewards.append(state.reward if state.done else 0.0)
+    n = max(1, len(rewards))
+    out["reward_teacher"] = {"episodes": len(rewards), "mean_score": 100 * sum(rewards) / n,
+                             "success_rate": sum(r == 1.0 for r in rewards) / n}
+    return out
+
+
+def click_state_net_gain(model, accelerator, max_tokens: int) -> dict:
+    """{mode: {model, floor}} net gain on the bundled WebShop click eval states (results and item pages)."""
+    from fastrank.data.bundle import load_bundled
+    from fastrank.lexical_floor import floor_report
+    from fastrank.metrics import net_gain_report
+    from fastrank.train import score_sets
+
+    out = {}
+    for mode in ("sampled", "hard"):
+        sets = [cs for cs in load_bundled("webshop", "eval", mode) if cs.task_type in ("results", "item")]
+        scores = score_sets(model, sets, accelerator, max_tokens, desc=f"click states ({mode})")
+        out[mode] = {"states": len(sets), "model": net_gain_report(sets, scores)["webshop"]["net_gain"],
+                     "floor": floor_report(sets)["webshop"]["net_gain"]}
+    return out
+
+
+def write_report(results: dict, out: Path) -> Path:
+    d, tr, ev = results["data"], results["train"], results.get("eval")
+    lines = ["# Agent recipe: behaviour cloning in WebShop", "",
+             f"Data: {d['sets']} sets from {d['episodes']} reward-teacher episodes over {results['goals']} leak-free "
+             f"goals ({d['detours']} detours; teacher {d['teacher_mean_score']:.1f} / {d['teacher_success']:.1%} on "
+             f"them), {results['trained_sets']} trained on; sets per page {d['sets_by_page']}.", "",
+             f"Training: {tr['steps']} steps, {tr['seconds']:.0f} s, final loss {tr['final_loss']}, "
+             f"train top-1 {tr['train_top1']}.", ""]
+    if ev:
+        lines += [f"## Test goals: {ev['episodes']} (SPEC §10), {results['max_steps']} steps", "",
+                  "| policy | mean score | success |", "|---|---|---|",
+                  f"| **this model** | **{ev['mean_score']:.2f}** | **{ev['success_rate']:.1%}** |"]
+        for name, r in results["reference"].items():
+            lines.append(f"| {name.replace('_', ' ')} | {r['mean_score']:.2f} | {r['success_rate']:.1%} |")
+        lines += ["", f"Model: mean steps {ev['mean_steps']:.1f}, repeated actions {ev['repeated_action_rate']:.1%}, "
+                  f"{ev['decisions_per_s']:.1f} decisions/s, {ev['wall_seconds']:.0f} s. Same evaluation from the "
+                  f"command line: `{results['command']}`", ""]
+    ng = results.get("click_states")
+    if ng:
+        lines += ["## Net gain on the bundled WebShop click eval states (results + item pages)", "",
+                  "| negatives | states | lexical floor | model | model − floor |", "|---|---|---|---|---|"]
+        for mode, r in ng.items():
+            lines.append(f"| {mode} | {r['states']} | {r['floor']:+.3f} | **{r['model']:+.3f}** | "
+                         f"{r['model'] - r['floor']:+.3f} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(cfg: AgentConfig) -> dict:
+    from fastrank.agent_eval import evaluate_agent
+    from fastrank.dagger import fit
+    from fastrank.data.features import Featurizer
+    from fastrank.data.webshop_agent import leak_free_goals, teacher_sets
+    from fastrank.envs.webshop import WebShopEnv, agent_tasks
+    from fastrank.model import Reranker
+
+    accelerator = Accelerator()
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    env = WebShopEnv()
+    goals = leak_free_goals(env)
+    sets, stats = teacher_sets(goals, runs_per_goal=cfg.ws_runs_per_goal, detour_prob=cfg.ws_detour_prob,
+                               seed=cfg.seed, env=env)
+    accelerator.print(json.dumps(stats.as_dict()))
+    train_sets = sets
+    if cfg.max_train_sets and len(sets) > cfg.max_train_sets:
+        train_sets = random.Random(cfg.seed).sample(sets, cfg.max_train_sets)
+    torch.manual_seed(cfg.seed)
+    model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
+        cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
+    model.to(accelerator.device)
+    train_info = fit(model, train_sets, cfg, accelerator, seed=cfg.seed, desc="behaviour cloning")
+    accelerator.print(json.dumps(train_info))
+    if accelerator.is_main_process:
+        model.save_pretrained(out / "model")
+    results = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "goals": len(goals),
+               "data": stats.as_dict(), "trained_sets": len(train_sets), "train": train_info}
+    if cfg.final_eval_games and accelerator.is_main_process:
+        make_env, tasks = agent_tasks(cfg.final_eval_games)
+        res = evaluate_agent(model, "webshop", make_env, tasks, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                             desc="agent-eval webshop test goals")
+        with open(out / "agent_eval_webshop.jsonl", "w", encoding="utf-8") as f:
+            for ep in res["episodes"]:
+                f.write(json.dumps(ep) + "\n")
+        results.update(eval=res["summary"], max_steps=cfg.max_steps,
+                       reference=reference_policies(tasks, cfg.max_steps),
+                       command=(f"fastrank agent-eval --env webshop --goals {cfg.final_eval_games} --max-steps "
+                                f"{cfg.max_steps} --batch-size {cfg.batch_size} --checkpoint {out / 'model'}"))
+        results["click_states"] = click_state_net_gain(model, accelerator, cfg.max_tokens)
+    results["minutes"] = round((time.perf_counter() - t0) / 60, 2)
+    if accelerator.is_main_process:
+        write_report(results, out)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        ev = results.get("eval")
+        print(f"report: {out / 'report.md'}  model: {out / 'model'}" +
+              (f"  score {ev['mean_score']:.2f}  success {ev['success_rate']:.1%}" if ev else ""))
+    return results
+
+
+if __name__ == "__main__":
+    from fastrank.entry import run_entry
+
+    run_entry(lambda argv: main(recipe_config(__file__, argv, cls=AgentConfig)))

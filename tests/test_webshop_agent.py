@@ -1,0 +1,126 @@
+"""The WebShop agent: page listings beside product ids, the reward teacher, its sets, and the recipe end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastrank.data.features import Featurizer
+from fastrank.data.page_context import budget, listing_text, page_listing, within_budget
+
+pytest.importorskip("rapidfuzz")  # the `webshop` extra (the reward)
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ("Back to Search [SEP] Page 1 (Total results: 50) [SEP] Next > [SEP] B07Q87P8DQ [SEP] Permo Vintage "
+        "Chandelier [SEP] $94.99 [SEP] B01I5B1Q1M [SEP] Walker Edison Bar Stool, Black [SEP] $44.99 to $33.98")
+
+
+@pytest.fixture(scope="module")
+def env():
+    from fastrank.envs.webshop import WebShopEnv
+
+    return WebShopEnv()
+
+
+def test_page_listing_pairs_each_id_with_its_title_and_price():
+    got = page_listing(PAGE)
+    assert got == {"b07q87p8dq": ("Permo Vintage Chandelier", "$94.99"),
+                   "b01i5b1q1m": ("Walker Edison Bar Stool, Black", "$44.99 to $33.98")}
+    assert page_listing("You are in the middle of a room. You see a drawer 1.") == {}  # ALFWorld: untouched
+    assert page_listing("color [SEP] black [SEP] white [SEP] Price: $59.99") == {}  # option values are no ids
+
+
+def test_budget_and_listing_text():
+    goal = "Find me bar stools with color: black, and price lower than 90.00 dollars"
+    assert budget(goal) == 90.0 and budget("Find me a lamp") is None
+    assert within_budget("$44.99 to $33.98", 40.0) is True and within_budget("$94.99", 90.0) is False
+    lst = page_listing(PAGE)
+    assert listing_text(goal, lst, "click[b01i5b1q1m]") == " = Walker Edison Bar Stool, Black $44.99 to $33.98 under budget"
+    assert listing_text(goal, lst, "click[B07Q87P8DQ]").endswith("$94.99 over budget")
+    assert listing_text(goal, lst, "click[next >]") == ""
+
+
+def test_history_featurizer_puts_the_listing_beside_the_id_and_leaves_alfworld_text_alone():
+    goal = "Find me bar stools with color: black, and price lower than 90.00 dollars"
+    _, acts = Featurizer("history").texts(goal, PAGE, ["click[b01i5b1q1m]", "click[next >]"], [])
+    assert acts[0] == ("action: click[b01i5b1q1m] = Walker Edison Bar Stool, Black $44.99 to $33.98 under budget "
+                       "(new; goal names: bar stool black)")
+    assert acts[1] == "action: click[next >] (new)"
+    _, alf = Featurizer("history").texts("put a book on sidetable", "You see a book 3.", ["take book 3 from desk 1"], [])
+    assert alf == ["action: take book 3 from desk 1 (new; goal names: book)"]
+
+
+def test_teacher_picks_the_best_reward_product_of_the_page_and_buys_with_the_goal_options(env):
+    from fastrank.data.webshop_agent import achievable_reward, page_products, teacher_action
+
+    state = env.reset(3)
+    state = env.step(teacher_action(env, state))  # the instruction search
+    assert state.info["page"] == "search_results"
+    shown = page_products(env, state)
+    pick = teacher_action(env, state)
+    best = max(achievable_reward(env, env.session.goal, a) for a in shown)
+    assert achievable_reward(env, env.session.goal, pick[len("click["):-1].upper()) == best
+    worse = [a for a in shown if achievable_reward(env, env.session.goal, a) < best]
+    if worse:  # a worse product's page: the teacher goes back
+        assert teacher_action(env, env.step(f"click[{worse[0].lower()}]")) == "click[< prev]"
+        state = env.step("click[< prev]")
+    state = env.step(pick)
+    for _ in range(8):
+        a = teacher_action(env, state)
+        state = env.step(a)
+        if state.done:
+            break
+    assert state.done and a == "click[buy now]"
+    assert state.reward == pytest.approx(best)  # what it bought scores what the page promised
+
+
+def test_teacher_sets_label_first_with_history_and_no_test_goal(env):
+    from fastrank.data.webshop_agent import check_leak_free, leak_free_goals, teacher_sets, test_products
+
+    goals = leak_free_goals(env)
+    assert len(goals) == 745 and min(goals) >= 500
+    assert not {env.catalog.goals[g].asin for g in goals} & test_products(env)
+    sets, stats = teacher_sets(goals[:30], detour_prob=0.5, seed=1, env=env)
+    assert stats.sets == len(sets) > 60 and stats.detours > 0
+    for cs in sets:
+        assert cs.expert_index == 0 and len(set(cs.candidates)) == len(cs.candidates) > 1
+        assert cs.history and cs.history[0][0].startswith("search[")  # every page after the search
+    recoveries = [cs for cs in sets if cs.candidates[0] == "click[< prev]" and cs.task_type == "item_page"]
+    assert recoveries and all(cs.history[-1][0] not in ("click[< prev]",) for cs in recoveries)
+    keys = [(cs.episode_id.split("/")[2], cs.observation, cs.candidates[0], tuple(a for a, _ in cs.history))
+            for cs in sets]
+    assert len(keys) == len(set(keys))  # run 1 repeats run 0 where it took no detour: kept once
+    state = env.reset(0)
+    with pytest.raises(AssertionError, match="test goal"):
+        check_leak_free(0, state, env)
+
+
+def test_recipe_end_to_end(tmp_path):
+    """Teacher data, a few BC steps of a tiny encoder, the agent on 4 test goals, references, click net gain."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from fastrank.agent_config import AgentConfig
+    from fastrank.model import PRESETS
+
+    tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    spec = importlib.util.spec_from_file_location("agent_webshop", ROOT / "recipes" / "agent_webshop.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cfg = AgentConfig(model=str(tmp_path / "tiny"), max_length=96, max_train_sets=16, final_eval_games=4,
+                      max_steps=6, batch_size=2, lr=1e-3, max_tokens=4096, output_dir=str(tmp_path / "run"))
+    res = recipe.main(cfg)
+    assert res["trained_sets"] == 16 and res["train"]["steps"] >= 1
+    assert res["eval"]["episodes"] == 4 and set(res["reference"]) >= {"oracle", "reward_teacher", "first_result"}
+    assert res["click_states"]["hard"]["states"] > 1000
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| **this model** |" in report and "| reward teacher |" in report and "model − floor" in report
+    meta = json.loads((tmp_path / "run" / "model" / "fastrank.json").read_text())
+    assert meta["layout"] == "shared_prefix" and meta["featurizer"]["mode"] == "history"
+    assert len((tmp_path / "run" / "agent_eval_webshop.jsonl").read_text().splitlines()) == 4
