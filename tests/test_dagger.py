@@ -124,3 +124,26 @@ def test_recipe_end_to_end_on_real_games(tmp_path):
     assert meta["layout"] == "shared_prefix" and meta["featurizer"]["mode"] == "history"
     again = run_dagger(AgentConfig(**cfg, resume=True))  # both rounds done: nothing is replayed
     assert [r["states_added"] for r in again["rounds"]] == [r["states_added"] for r in res["rounds"]]
+
+
+def test_an_expert_that_raises_leaves_the_state_unlabelled_and_the_game_going():
+    """alfworld's handcoded task policies raise IndexError in some off-policy states (measured in a DAgger
+    round): the step still returns, the state is marked `expert_error` and gets no label."""
+    from fastrank.agent_eval import spread_over_types
+    from fastrank.envs.alfworld import AlfworldEnv
+
+    game = spread_over_types(_games(), 2)[1].game_file
+    with AlfworldEnv() as env:
+        s = env.reset(game)
+        policy = env._env._handcoded_expert.policy
+
+        def broken(*a, **k):
+            raise IndexError("Cannot choose from an empty sequence")
+
+        policy.act = broken
+        action = next(a for a in s.admissible if a.startswith("go to"))
+        s = env.step(action)
+        assert s.info["expert_source"] == "expert_error" and "IndexError" in s.info["expert_suggested"]
+        assert expert_label(s) is None and not s.done and s.observation
+        s = env.step(s.admissible[0])  # the game goes on
+        assert s.info["expert_source"] == "expert_error"

@@ -118,7 +118,7 @@ def test_recipe_end_to_end(tmp_path):
     res = recipe.main(cfg)
     assert res["trained_sets"] == 16 and res["train"]["steps"] >= 1
     assert res["eval"]["episodes"] == 4 and set(res["reference"]) >= {"oracle", "reward_teacher", "first_result"}
-    assert res["click_states"]["hard"]["states"] > 1000
+    assert res["click_states"]["hard"]["states"] == recipe.CLICK_EVAL_SETS
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| **this model** |" in report and "| reward teacher |" in report and "model − floor" in report
     meta = json.loads((tmp_path / "run" / "model" / "fastrank.json").read_text())

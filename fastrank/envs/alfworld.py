@@ -376,7 +376,12 @@ class AlfworldEnv:
 
         def act(game_state, *args, **kwargs):
             rec.clear()
-            out = agent_act(game_state, *args, **kwargs)
+            try:
+                out = agent_act(game_state, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - measured: its task policies raise IndexError (random.choice
+                # on an empty list) in some states only a non-expert policy reaches; the game goes on, unlabelled
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+                return "look"
             rec["agent"] = out
             return out
 
@@ -395,6 +400,8 @@ class AlfworldEnv:
             return None, None
         if rec.pop("initial", False):
             return "initial_look", None
+        if "error" in rec:
+            return "expert_error", rec["error"]
         if "agent" not in rec:
             return None, None
         agent = rec["agent"]
@@ -416,7 +423,8 @@ class AlfworldEnv:
             info={
                 "expert_plan": plan[0] if plan else None,
                 # "initial_look" | "policy" | "random" (the expert's own random pick when stuck) |
-                # "look_fallback" (its suggestion `expert_suggested` was not admissible) | None
+                # "look_fallback" (its suggestion `expert_suggested` was not admissible) | "expert_error" (it
+                # raised; `expert_suggested` holds the error) | None
                 "expert_source": source,
                 "expert_suggested": suggested,
                 "feedback": state["feedback"],
