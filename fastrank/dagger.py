@@ -35,6 +35,29 @@ from fastrank.train import build_optimizer, linear_warmup
 from fastrank.rollout import Slot, run_episodes
 
 
+def agent_accelerator(cfg: AgentConfig) -> Accelerator:
+    """The recipes' Accelerator; on a CPU torch gets this process's share of the cores (`accelerate launch`
+    pins it to one thread)."""
+    accelerator = Accelerator()
+    if accelerator.device.type == "cpu":
+        import os
+
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    return accelerator
+
+
+def agent_model(cfg: AgentConfig, device):
+    """`init_from` (a saved Reranker), else a fresh `model` encoder with the config's feature mode, layout and
+    state budget; seeded, on `device`."""
+    from fastrank.data.features import Featurizer
+    from fastrank.model import Reranker
+
+    torch.manual_seed(cfg.seed)
+    model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
+        cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
+    return model.to(device)
+
+
 def expert_label(state) -> str | None:
     """The expert's own next action at this state, or None when it has none worth imitating (the
     opening `look`, its random pick when its plan repeats itself, a non-admissible suggestion)."""
@@ -180,7 +203,6 @@ def _gather(items: list, accelerator: Accelerator) -> list:
 def run_dagger(cfg: AgentConfig) -> dict:
     """BC + DAgger rounds as `cfg` says; writes `<output_dir>/model`, `report.md` and `results.json`."""
     from fastrank.agent_eval import spread_over_types, summarize
-    from fastrank.data.features import Featurizer
     from fastrank.envs.alfworld import AlfworldEnv, ensure_games, list_games
     from fastrank.model import Reranker
 
@@ -189,11 +211,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
     if len(cfg.episodes) != len(cfg.betas):
         raise ValueError(f"episodes ({len(cfg.episodes)} rounds) and betas ({len(cfg.betas)}) must have one entry "
                          f"per round")
-    accelerator = Accelerator()
-    if accelerator.device.type == "cpu":
-        import os
-
-        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    accelerator = agent_accelerator(cfg)
     out = Path(cfg.output_dir)
     if cfg.games_dir is None:
         from fastrank.paths import shared_data_dir
@@ -218,10 +236,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
         return ev
 
     def new_model() -> Reranker:
-        torch.manual_seed(cfg.seed)
-        fresh = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
-            cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
-        return fresh.to(accelerator.device)
+        return agent_model(cfg, accelerator.device)
 
     model = new_model()
     aggregate, rounds, start = [], [], 0

@@ -13,13 +13,9 @@ Writes `<output_dir>/model`, `agent_eval_scienceworld.jsonl` (every step), `resu
 """
 import argparse
 import json
-import os
 import random
 import time
 from pathlib import Path
-
-import torch
-from accelerate import Accelerator
 
 from fastrank.agent_config import AgentConfig
 from fastrank.config import recipe_config
@@ -94,25 +90,18 @@ def write_report(results: dict, out: Path) -> Path:
 
 def main(cfg: AgentConfig) -> dict:
     from fastrank.agent_eval import _scienceworld_tasks, evaluate_agent
-    from fastrank.dagger import fit
-    from fastrank.data.features import Featurizer
-    from fastrank.model import Reranker
+    from fastrank.dagger import agent_accelerator, agent_model, fit
 
-    accelerator = Accelerator()
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    accelerator = agent_accelerator(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sets, data_info = build_sets(cfg, out)
     accelerator.print(json.dumps(data_info, indent=1))
-    torch.manual_seed(cfg.seed)
-    model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
-        cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
+    model = agent_model(cfg, accelerator.device)
     if not model.featurizer.uses_history:
         accelerator.print(f"warning: {cfg.init_from or cfg.model} reads no history (feature mode "
                           f"{model.featurizer.mode!r})")
-    model.to(accelerator.device)
     train_info = fit(model, sets, cfg, accelerator, seed=cfg.seed, desc="behaviour cloning")
     accelerator.print(json.dumps(train_info))
     if accelerator.is_main_process:

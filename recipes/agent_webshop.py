@@ -11,13 +11,9 @@ random, the lexical floor as a policy) and the net gain on the bundled WebShop c
 the lexical floor. Writes `<output_dir>/model`, `agent_eval_webshop.jsonl`, `results.json`, `report.md`.
 """
 import json
-import os
 import random
 import time
 from pathlib import Path
-
-import torch
-from accelerate import Accelerator
 
 from fastrank.agent_config import AgentConfig
 from fastrank.config import recipe_config
@@ -85,8 +81,8 @@ def write_report(results: dict, out: Path) -> Path:
     ng = results.get("click_states")
     if ng:
         lines += ["## Net gain on the bundled WebShop click eval states (results + item pages)", "",
-                  f"A seeded sample of each mode's click eval states (test goals; labels: the target-following "
-                  f"expert of `fastrank.data.webshop_clicks`), model and floor on the same sets.", "",
+                  "A seeded sample of each mode's click eval states (test goals; labels: the target-following "
+                  "expert of `fastrank.data.webshop_clicks`), model and floor on the same sets.", "",
                   "| negatives | states | lexical floor | model | model − floor |", "|---|---|---|---|---|"]
         for mode, r in ng.items():
             lines.append(f"| {mode} | {r['states']} | {r['floor']:+.3f} | **{r['model']:+.3f}** | "
@@ -98,15 +94,11 @@ def write_report(results: dict, out: Path) -> Path:
 
 def main(cfg: AgentConfig) -> dict:
     from fastrank.agent_eval import evaluate_agent
-    from fastrank.dagger import fit
-    from fastrank.data.features import Featurizer
+    from fastrank.dagger import agent_accelerator, agent_model, fit
     from fastrank.data.webshop_agent import leak_free_goals, teacher_sets
     from fastrank.envs.webshop import WebShopEnv, agent_tasks
-    from fastrank.model import Reranker
 
-    accelerator = Accelerator()
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    accelerator = agent_accelerator(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -118,10 +110,7 @@ def main(cfg: AgentConfig) -> dict:
     train_sets = sets
     if cfg.max_train_sets and len(sets) > cfg.max_train_sets:
         train_sets = random.Random(cfg.seed).sample(sets, cfg.max_train_sets)
-    torch.manual_seed(cfg.seed)
-    model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
-        cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
-    model.to(accelerator.device)
+    model = agent_model(cfg, accelerator.device)
     train_info = fit(model, train_sets, cfg, accelerator, seed=cfg.seed, desc="behaviour cloning")
     accelerator.print(json.dumps(train_info))
     if accelerator.is_main_process:
