@@ -54,7 +54,8 @@ def agent_model(cfg: AgentConfig, device):
 
     torch.manual_seed(cfg.seed)
     model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
-        cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout)
+        cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout,
+        max_action_tokens=cfg.max_action_tokens)
     return model.to(device)
 
 
@@ -184,6 +185,9 @@ def save_round(out: Path, r: int, model, new_sets: list[CandidateSet], metrics: 
     d = out / "dagger" / f"round_{r}"
     d.mkdir(parents=True, exist_ok=True)
     write_records(d / "states.jsonl.gz", new_sets)
+    log = (metrics.get("eval") or {}).pop("episodes_log", None)
+    if log is not None:  # every step of the fixed-game evaluation, to read the failures
+        (d / "eval_episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
     model.save_pretrained(d / "model")
     (d / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")  # written last: marks the round done
 
@@ -231,8 +235,10 @@ def run_dagger(cfg: AgentConfig) -> dict:
             return None
         ro_eval = run_episodes(AlfworldEnv, _shard(eval_games, accelerator), policy, max_steps=cfg.max_steps,
                                batch_size=cfg.batch_size, seed=cfg.seed)
-        ev = summarize(_gather(ro_eval.episodes, accelerator))
+        episodes = _gather(ro_eval.episodes, accelerator)
+        ev = summarize(episodes)
         ev.pop("per_task_type", None)
+        ev["episodes_log"] = episodes  # saved beside the round (eval_episodes.jsonl), not in metrics.json
         return ev
 
     def new_model() -> Reranker:
@@ -283,6 +289,9 @@ def run_dagger(cfg: AgentConfig) -> dict:
         info = fit(model, aggregate, dataclasses.replace(cfg, epochs_per_round=cfg.final_fit_epochs), accelerator,
                    seed=cfg.seed + 999, desc="final fit (all states)")
         ev = eval_fixed(model)
+        if ev is not None and accelerator.is_main_process:
+            (out / "final_fit_eval_episodes.jsonl").write_text(
+                "".join(json.dumps(e) + "\n" for e in ev.pop("episodes_log")))
         results["final_fit"] = {"train": info, "eval": ev, "minutes": round((time.perf_counter() - t0) / 60, 2)}
         accelerator.print(f"final fit on {len(aggregate)} states: {info}; eval on the fixed train games: {ev}")
     if accelerator.is_main_process:

@@ -202,7 +202,7 @@ class Reranker(nn.Module):
     def __init__(self, encoder: nn.Module, tokenizer, featurizer: Featurizer | None = None, *,
                  max_length: int = 256, row_len: int = 256, aux_heads: dict[str, int] | None = None,
                  packed_attention: str = "varlen", layout: str = "pairs", head_pooler: bool = False,
-                 varlen_backend: str = "auto"):
+                 varlen_backend: str = "auto", max_action_tokens: int = MAX_ACTION_TOKENS):
         super().__init__()
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # unused (we read the first token) and would leave params without grads
@@ -211,6 +211,7 @@ class Reranker(nn.Module):
         self.featurizer = featurizer or Featurizer()
         self.max_length = int(max_length)
         self.row_len = max(int(row_len), self.max_length)
+        self.max_action_tokens = int(max_action_tokens)  # shared-prefix layout: an action's token budget
         cfg = encoder.config
         hidden = cfg.hidden_size
         std = getattr(cfg, "initializer_range", 0.02)
@@ -252,7 +253,8 @@ class Reranker(nn.Module):
     def from_encoder(cls, name_or_path: str, *, featurizer: Featurizer | None = None, max_length: int = 256,
                      row_len: int = 256, aux_heads: dict[str, int] | None = None, packed_attention: str = "varlen",
                      layout: str = "pairs", attn_implementation: str | None = None, dtype: torch.dtype | None = None,
-                     device: str | torch.device | None = None, **model_kwargs) -> "Reranker":
+                     device: str | torch.device | None = None, max_action_tokens: int = MAX_ACTION_TOKENS,
+                     **model_kwargs) -> "Reranker":
         """A fresh reranker on a pretrained encoder: a `PRESETS` key, a hub id or a local folder.
 
         A BERT/RoBERTa-family `*ForSequenceClassification` cross-encoder with one label (e.g. an MS MARCO MiniLM
@@ -272,7 +274,8 @@ class Reranker(nn.Module):
         encoder = cross.encoder if cross is not None else AutoModel.from_pretrained(path, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = cls(encoder, tokenizer, featurizer, max_length=max_length, row_len=row_len, aux_heads=aux_heads,
-                    packed_attention=packed_attention, layout=layout, head_pooler=cross is not None)
+                    packed_attention=packed_attention, layout=layout, head_pooler=cross is not None,
+                    max_action_tokens=max_action_tokens)
         if cross is not None:
             cross.apply(model)
         return model.to(device) if device is not None else model
@@ -382,7 +385,7 @@ class Reranker(nn.Module):
         """Token ids of `CandidateSet`s in this model's layout (what `collator()` batches)."""
         if self.layout == "shared_prefix":
             return encode_prefix_sets(sets, self.tokenizer, self.featurizer, self.max_length,
-                                      kw.get("max_action_tokens", MAX_ACTION_TOKENS))
+                                      kw.get("max_action_tokens", self.max_action_tokens))
         return encode_sets(sets, self.tokenizer, self.featurizer, self.max_length, **kw)
 
     def _encode_one(self, goal: str, observation: str, candidates: Sequence[str], history=None):
@@ -456,6 +459,7 @@ class Reranker(nn.Module):
             "packed_attention": "varlen" if self.varlen else "mask",
             "varlen_backend": self.varlen_backend,  # informational: a checkpoint loads with "auto"
             "layout": self.layout,
+            "max_action_tokens": self.max_action_tokens,
         }
 
     def save_pretrained(self, save_dir: str | os.PathLike) -> Path:
@@ -513,7 +517,8 @@ class Reranker(nn.Module):
         return dict(featurizer=Featurizer(**meta["featurizer"]), max_length=meta["max_length"],
                     row_len=meta.get("row_len", 256), aux_heads=meta.get("aux_heads"),
                     packed_attention=meta.get("packed_attention", "varlen"), layout=meta.get("layout", "pairs"),
-                    head_pooler=meta.get("head", {}).get("type") == POOLER_HEAD)
+                    head_pooler=meta.get("head", {}).get("type") == POOLER_HEAD,
+                    max_action_tokens=meta.get("max_action_tokens", MAX_ACTION_TOKENS))
 
 
 def _saved_class(meta: dict, src: Path) -> type[Reranker]:

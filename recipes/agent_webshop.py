@@ -139,7 +139,11 @@ def main(cfg: AgentConfig) -> dict:
     return results
 
 
+def cli(argv: list[str]) -> None:  # main's results dict is not an exit code
+    main(recipe_config(__file__, argv, cls=AgentConfig))
+
+
 if __name__ == "__main__":
     from fastrank.entry import run_entry
 
-    run_entry(lambda argv: main(recipe_config(__file__, argv, cls=AgentConfig)))
+    run_entry(cli)

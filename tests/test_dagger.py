@@ -120,6 +120,9 @@ def test_recipe_end_to_end_on_real_games(tmp_path):
     assert res["rounds"][0]["states_added"] > 0 and res["rounds"][0]["agreement"] is None  # BC: expert only
     assert res["rounds"][1]["episodes"] == 1 and res["rounds"][1]["eval"]["episodes"] == 1
     assert (out / "model" / "fastrank.json").exists() and "| round | beta |" in (out / "report.md").read_text()
+    [ev_ep] = [json.loads(x) for x in (out / "dagger" / "round_1" / "eval_episodes.jsonl").read_text().splitlines()]
+    assert ev_ep["steps"] == len(ev_ep["trajectory"]) > 0  # the fixed-game evaluation, every step, to read
+    assert "episodes_log" not in json.loads((out / "dagger" / "round_1" / "metrics.json").read_text())["eval"]
     meta = json.loads((out / "model" / "fastrank.json").read_text())
     assert meta["layout"] == "shared_prefix" and meta["featurizer"]["mode"] == "history"
     again = run_dagger(AgentConfig(**cfg, resume=True))  # both rounds done: nothing is replayed

@@ -25,10 +25,10 @@ def env():
     return WebShopEnv()
 
 
-def test_page_listing_pairs_each_id_with_its_title_and_price():
+def test_page_listing_pairs_each_id_with_its_position_title_and_price():
     got = page_listing(PAGE)
-    assert got == {"b07q87p8dq": ("Permo Vintage Chandelier", "$94.99"),
-                   "b01i5b1q1m": ("Walker Edison Bar Stool, Black", "$44.99 to $33.98")}
+    assert got == {"b07q87p8dq": (1, "Permo Vintage Chandelier", "$94.99"),
+                   "b01i5b1q1m": (2, "Walker Edison Bar Stool, Black", "$44.99 to $33.98")}
     assert page_listing("You are in the middle of a room. You see a drawer 1.") == {}  # ALFWorld: untouched
     assert page_listing("color [SEP] black [SEP] white [SEP] Price: $59.99") == {}  # option values are no ids
 
@@ -38,19 +38,53 @@ def test_budget_and_listing_text():
     assert budget(goal) == 90.0 and budget("Find me a lamp") is None
     assert within_budget("$44.99 to $33.98", 40.0) is True and within_budget("$94.99", 90.0) is False
     lst = page_listing(PAGE)
-    assert listing_text(goal, lst, "click[b01i5b1q1m]") == " = Walker Edison Bar Stool, Black $44.99 to $33.98 under budget"
-    assert listing_text(goal, lst, "click[B07Q87P8DQ]").endswith("$94.99 over budget")
-    assert listing_text(goal, lst, "click[next >]") == ""
+    assert listing_text(goal, lst, "click[b01i5b1q1m]") == ("result 2, $44.99 to $33.98, under budget",
+                                                            "Walker Edison Bar Stool, Black")
+    assert listing_text(goal, lst, "click[B07Q87P8DQ]")[0] == "result 1, $94.99, over budget"
+    assert listing_text("Find me a lamp", lst, "click[b07q87p8dq]")[0] == "result 1, $94.99"  # no budget named
+    assert listing_text(goal, lst, "click[next >]") == ("", "")
 
 
 def test_history_featurizer_puts_the_listing_beside_the_id_and_leaves_alfworld_text_alone():
     goal = "Find me bar stools with color: black, and price lower than 90.00 dollars"
     _, acts = Featurizer("history").texts(goal, PAGE, ["click[b01i5b1q1m]", "click[next >]"], [])
-    assert acts[0] == ("action: click[b01i5b1q1m] = Walker Edison Bar Stool, Black $44.99 to $33.98 under budget "
-                       "(new; goal names: bar stool black)")
+    assert acts[0] == ("action: click[b01i5b1q1m] (new; result 2, $44.99 to $33.98, under budget; goal names: "
+                       "bar stool black) Walker Edison Bar Stool, Black")
     assert acts[1] == "action: click[next >] (new)"
+    sized = "Find me shorts with size: x-large, and price lower than 60.00 dollars"
+    _, opts = Featurizer("history").texts(sized, "size [SEP] large [SEP] x-large", ["click[large]", "click[x-large]"], [])
+    assert opts == ["action: click[large] (new; goal names: large)",  # shares a word, is not the option asked for
+                    "action: click[x-large] (new; goal names: x large; verbatim in goal)"]
     _, alf = Featurizer("history").texts("put a book on sidetable", "You see a book 3.", ["take book 3 from desk 1"], [])
     assert alf == ["action: take book 3 from desk 1 (new; goal names: book)"]
+
+
+def test_max_action_tokens_is_saved_with_the_model_and_cuts_the_title_not_the_note(tmp_path):
+    from transformers import AutoTokenizer, BertConfig
+
+    from fastrank.data.record import CandidateSet
+    from fastrank.model import PRESETS, Reranker
+
+    tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=256)
+    m = Reranker.from_config(cfg, tok, featurizer=Featurizer("history"), max_length=64, layout="shared_prefix",
+                             max_action_tokens=48)
+    m.save_pretrained(tmp_path / "m")
+    back = Reranker.from_pretrained(tmp_path / "m")
+    assert back.max_action_tokens == 48
+    goal = "Find me bar stools with color: black, and price lower than 90.00 dollars"
+    cs = CandidateSet(env="webshop", episode_id="e", step=0, task_type="t", goal=goal, observation=PAGE,
+                      candidates=["click[b01i5b1q1m]"], expert_index=0, sources=["expert"], history=[])
+    [enc] = back.encode_sets([cs])
+    text = tok.decode(enc.cand_ids[0])
+    assert len(enc.cand_ids[0]) <= 48 and "goal names : bar stool black ) walker edison bar stool, black" in text
+    [short] = back.encode_sets([cs], max_action_tokens=32)  # the old fixed budget cut the note itself
+    assert len(short.cand_ids[0]) == 32 and "goal names" not in tok.decode(short.cand_ids[0])
+    meta = json.loads((tmp_path / "m" / "fastrank.json").read_text())
+    del meta["max_action_tokens"]  # a checkpoint from before the field: the old budget
+    (tmp_path / "m" / "fastrank.json").write_text(json.dumps(meta))
+    assert Reranker.from_pretrained(tmp_path / "m").max_action_tokens == 32
 
 
 def test_teacher_picks_the_best_reward_product_of_the_page_and_buys_with_the_goal_options(env):
@@ -102,7 +136,7 @@ def test_recipe_end_to_end(tmp_path):
     """Teacher data, a few BC steps of a tiny encoder, the agent on 4 test goals, references, click net gain."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from fastrank.agent_config import AgentConfig
+    from fastrank.entry import call
     from fastrank.model import PRESETS
 
     tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
@@ -113,9 +147,10 @@ def test_recipe_end_to_end(tmp_path):
     spec = importlib.util.spec_from_file_location("agent_webshop", ROOT / "recipes" / "agent_webshop.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    cfg = AgentConfig(model=str(tmp_path / "tiny"), max_length=96, max_train_sets=16, final_eval_games=4,
-                      max_steps=6, batch_size=2, lr=1e-3, max_tokens=4096, output_dir=str(tmp_path / "run"))
-    res = recipe.main(cfg)
+    args = [f"model={tmp_path / 'tiny'}", "max_length=96", "max_train_sets=16", "final_eval_games=4", "max_steps=6",
+            "batch_size=2", "lr=1e-3", "max_tokens=4096", f"output_dir={tmp_path / 'run'}"]
+    assert call(recipe.cli, args) == 0  # as `accelerate launch recipes/agent_webshop.py k=v ...` runs it
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["trained_sets"] == 16 and res["train"]["steps"] >= 1
     assert res["eval"]["episodes"] == 4 and set(res["reference"]) >= {"oracle", "reward_teacher", "first_result"}
     assert res["click_states"]["hard"]["states"] == recipe.CLICK_EVAL_SETS

@@ -37,6 +37,19 @@ def _stem(w: str) -> str:
     return w[:-1] if len(w) > 3 and w.endswith("s") else w  # "cellphones" in a goal names "cellphone 1"
 
 
+_CLICK = re.compile(r"\s*click\[(.+)\]\s*")
+
+
+def _verbatim_in(goal: str, action: str) -> bool:
+    """A click whose whole argument the goal states as a phrase: "size: large" names `click[large]` but not
+    `click[x-large]`, which the word-level "goal names" note cannot tell apart (both share "large")."""
+    m = _CLICK.fullmatch(action)
+    if not m:
+        return False
+    arg = m.group(1).strip().lower()
+    return bool(arg) and re.search(rf"(?<![\w-]){re.escape(arg)}(?![\w-])", goal.lower()) is not None
+
+
 def overlap_features(state: str, action: str) -> dict[str, float]:
     """Jaccard, coverage of the action's words by the state (and the reverse), bigram overlap."""
     sw, aw = words(state), words(action)
@@ -84,11 +97,13 @@ class Featurizer:
         listing = page_listing(observation)
         out = []
         for a in candidates:
-            shown = listing_text(goal, listing, a) if listing else ""  # a product id gets its title and price
-            named = [w for w in dict.fromkeys(words(a + shown)) if w not in _FUNCTION_WORDS and not w.isdigit()
+            head, title = listing_text(goal, listing, a) if listing else ("", "")  # a product id: its listing
+            named = [w for w in dict.fromkeys(words(f"{a} {title}")) if w not in _FUNCTION_WORDS and not w.isdigit()
                      and _stem(w) in goal_words]
-            note = mem.annotate(a) + (f"; goal names: {' '.join(named)}" if named else "")
-            out.append(f"action: {a.strip()}{shown} ({note})")
+            note = mem.annotate(a) + (f"; {head}" if head else "") + (f"; goal names: {' '.join(named)}" if named else "")
+            if _verbatim_in(goal, a):
+                note += "; verbatim in goal"
+            out.append(f"action: {a.strip()} ({note})" + (f" {title}" if title else ""))
         return state, out
 
     def state_text(self, goal: str, observation: str, history=None) -> str:
