@@ -115,12 +115,15 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate_agent(ranker, env: str, make_env, tasks: list, *, max_steps: int = 50, batch_size: int = 8,
-                   candidates=None, avoid_repeats: bool = False, seed: int = 0, desc: str | None = None) -> dict:
-    """Play `tasks` with `ranker`; {"summary": ..., "episodes": [...]} (the DAgger recipe calls this too)."""
+                   candidates=None, avoid_repeats: bool = False, seed: int = 0, desc: str | None = None,
+                   on_episode=None) -> dict:
+    """Play `tasks` with `ranker`; {"summary": ..., "episodes": [...]} (the DAgger recipe calls this too).
+    `on_episode(episode)`: called as each episode ends (the CLI logs it at once)."""
     t0 = time.perf_counter()
     with tqdm(total=len(tasks), desc=desc or f"agent-eval {env}") as bar:
         ro = run_episodes(make_env, tasks, ranker, max_steps=max_steps, batch_size=batch_size,
-                          candidates=candidates, avoid_repeats=avoid_repeats, seed=seed, progress=bar)
+                          candidates=candidates, avoid_repeats=avoid_repeats, seed=seed, progress=bar,
+                          on_episode=on_episode)
     summary = {"env": env, **summarize(ro.episodes), "wall_seconds": round(time.perf_counter() - t0, 1),
                "decisions": ro.decisions, "model_seconds": round(ro.model_seconds, 1),
                "decisions_per_s": round(ro.decisions_per_s, 2)}
@@ -137,13 +140,21 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
     ranker = Reranker.from_pretrained(args.checkpoint)
     make_env, tasks, candidates = TASKS[args.env](args)
     batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
-    res = evaluate_agent(ranker, args.env, make_env, tasks, max_steps=args.max_steps, batch_size=batch,
-                         candidates=candidates, avoid_repeats=args.avoid_repeats, seed=args.seed)
     out = Path(args.out or Path(args.checkpoint) / f"agent_eval_{args.env}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
+    partial = out.with_suffix(".partial.jsonl")  # each episode as it ends: a stopped run keeps what it played
+    with open(partial, "w", encoding="utf-8") as log:
+        def on_episode(ep: dict) -> None:
+            log.write(json.dumps(ep) + "\n")
+            log.flush()
+
+        res = evaluate_agent(ranker, args.env, make_env, tasks, max_steps=args.max_steps, batch_size=batch,
+                             candidates=candidates, avoid_repeats=args.avoid_repeats, seed=args.seed,
+                             on_episode=on_episode)
+    with open(out, "w", encoding="utf-8") as f:  # the finished log, in task order
         for ep in res["episodes"]:
             f.write(json.dumps(ep) + "\n")
+    partial.unlink()
     summary = {**res["summary"], "checkpoint": str(args.checkpoint), "split": args.split,
                "avoid_repeats": args.avoid_repeats, "log": str(out)}
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")

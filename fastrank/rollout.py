@@ -58,7 +58,8 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
                  batch_size: int = 8, beta: float = 0.0, expert: Callable[[EnvState], str | None] | None = None,
                  candidates: Callable[[EnvState], list[str]] | None = None,
                  on_state: Callable[[Slot], None] | None = None, avoid_repeats: bool = False, seed: int = 0,
-                 progress=None, close_envs: bool = True, score_all: bool = False) -> Rollout:
+                 progress=None, close_envs: bool = True, score_all: bool = False,
+                 on_episode: Callable[[dict], None] | None = None) -> Rollout:
     """Play every task to the end (done or `max_steps`); episodes come back in task order.
 
     beta: probability that a step takes the expert's action (`expert(state)`) instead of the ranker's
@@ -67,7 +68,8 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
     action is chosen, as `on_state(slot, scores)` (scores: {action: score} when the ranker scored this state,
     else None; `score_all` scores the expert's steps too) -- DAgger labels it; a dict it returns is merged
     into that step's log entry. ``avoid_repeats``: take the best action not yet taken from this
-    observation (a loop breaker; off by default).
+    observation (a loop breaker; off by default). `on_episode(episode)` sees each episode as it ends (in
+    the order they end), e.g. to log it before a long run is over.
     """
     rng = random.Random(seed)
     pending = list(enumerate(tasks))[::-1]
@@ -84,6 +86,8 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
                 slots[i] = Slot(task=task, env=env, state=env.reset(task), memory=EpisodeMemory())
             except Exception as exc:  # noqa: BLE001 - a broken game is counted, not fatal (GameLoadError & co)
                 done[i] = _failed(task, exc)
+                if on_episode is not None:
+                    on_episode(done[i])
                 free_envs.append(env)
                 if progress is not None:
                     progress.update(1)
@@ -95,6 +99,8 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
         for i in [i for i in slots if i not in acting]:  # finished episodes free their env for the next task
             sl = slots.pop(i)
             done[i] = _episode(sl)
+            if on_episode is not None:
+                on_episode(done[i])
             free_envs.append(sl.env)
             if progress is not None:
                 progress.update(1)

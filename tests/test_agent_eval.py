@@ -126,3 +126,36 @@ def test_agent_eval_cli_plays_real_games(tmp_path, capsys):
             # the action taken is the best-scored admissible action, runners-up logged in order
             assert s["top"][0] == [s["action"], s["score"]]
             assert [x[1] for x in s["top"]] == sorted((x[1] for x in s["top"]), reverse=True)
+
+
+def test_agent_eval_logs_each_episode_as_it_ends_so_a_stopped_run_keeps_them(tmp_path, monkeypatch):
+    """An hour-long evaluation stopped near its end used to leave no log: now `<out>.partial.jsonl` holds every
+    episode played, and a finished run replaces it by the log in task order."""
+    import fastrank.agent_eval as ae
+    from fastrank.rollout import run_episodes
+
+    seen = []
+    ro = run_episodes(_Drawer, ["a", "b", "c"], _Prefers(), max_steps=4, batch_size=2, on_episode=seen.append)
+    assert sorted(e["task"] for e in seen) == ["a", "b", "c"] and len(seen) == len(ro.episodes)
+
+    class _Stop(Exception):
+        pass
+
+    class _StopsAfterTwo(_Prefers):
+        calls = 0
+
+        def score(self, goal, observation, candidates):
+            type(self).calls += 1
+            if self.calls > 2:  # games 1 and 2 (one winning decision each, one at a time) are over: game 3 is next
+                raise _Stop
+            return torch.tensor([{"examine drawer": 0.0, "look": 1.0, "open drawer": 2.0}[c] for c in candidates])
+
+    monkeypatch.setitem(ae.TASKS, "alfworld", lambda args: (_Drawer, ["g1", "g2", "g3"], None))
+    monkeypatch.setattr(Reranker, "from_pretrained", classmethod(lambda cls, path: _StopsAfterTwo()))
+    out = tmp_path / "log.jsonl"
+    args = SimpleNamespace(env="alfworld", games_dir="x", checkpoint="ckpt", batch_size=1, max_steps=4,
+                           avoid_repeats=False, seed=0, out=str(out), split="valid_seen")
+    with pytest.raises(_Stop):
+        ae.agent_eval_from_args(args)
+    kept = [json.loads(x) for x in out.with_suffix(".partial.jsonl").read_text().splitlines()]
+    assert [e["task"] for e in kept] == ["g1", "g2"] and all(e["won"] for e in kept) and not out.exists()
