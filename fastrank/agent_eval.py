@@ -151,15 +151,22 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
         res = evaluate_agent(ranker, args.env, make_env, tasks, max_steps=args.max_steps, batch_size=batch,
                              candidates=candidates, avoid_repeats=args.avoid_repeats, seed=args.seed,
                              on_episode=on_episode)
-    with open(out, "w", encoding="utf-8") as f:  # the finished log, in task order
-        for ep in res["episodes"]:
-            f.write(json.dumps(ep) + "\n")
+    write_episodes(out, res["episodes"])  # the finished log, in task order
     partial.unlink()
     summary = {**res["summary"], "checkpoint": str(args.checkpoint), "split": args.split,
                "avoid_repeats": args.avoid_repeats, "log": str(out)}
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def write_episodes(path: str | Path, episodes) -> Path:
+    """One JSON line per episode (every step, its candidates' runners-up): the agent logs."""
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as f:
+        for ep in episodes:
+            f.write(json.dumps(ep) + "\n")
+    return path
 
 
 def failed_to_load_lines(summary: dict, noun: str = "game") -> list[str]:

@@ -187,7 +187,9 @@ def save_round(out: Path, r: int, model, new_sets: list[CandidateSet], metrics: 
     write_records(d / "states.jsonl.gz", new_sets)
     log = (metrics.get("eval") or {}).pop("episodes_log", None)
     if log is not None:  # every step of the fixed-game evaluation, to read the failures
-        (d / "eval_episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+        from fastrank.agent_eval import write_episodes
+
+        write_episodes(d / "eval_episodes.jsonl", log)
     model.save_pretrained(d / "model")
     (d / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")  # written last: marks the round done
 
@@ -206,7 +208,7 @@ def _gather(items: list, accelerator: Accelerator) -> list:
 
 def run_dagger(cfg: AgentConfig) -> dict:
     """BC + DAgger rounds as `cfg` says; writes `<output_dir>/model`, `report.md` and `results.json`."""
-    from fastrank.agent_eval import spread_over_types, summarize
+    from fastrank.agent_eval import spread_over_types, summarize, write_episodes
     from fastrank.envs.alfworld import AlfworldEnv, ensure_games, list_games
     from fastrank.model import Reranker
 
@@ -290,8 +292,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
                    seed=cfg.seed + 999, desc="final fit (all states)")
         ev = eval_fixed(model)
         if ev is not None and accelerator.is_main_process:
-            (out / "final_fit_eval_episodes.jsonl").write_text(
-                "".join(json.dumps(e) + "\n" for e in ev.pop("episodes_log")))
+            write_episodes(out / "final_fit_eval_episodes.jsonl", ev.pop("episodes_log"))
         results["final_fit"] = {"train": info, "eval": ev, "minutes": round((time.perf_counter() - t0) / 60, 2)}
         accelerator.print(f"final fit on {len(aggregate)} states: {info}; eval on the fixed train games: {ev}")
     if accelerator.is_main_process:
@@ -305,9 +306,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
                              batch_size=cfg.batch_size, desc=f"final eval {cfg.final_eval_split}")
         results["final_eval"] = {"split": cfg.final_eval_split, **res["summary"]}
         if accelerator.is_main_process:
-            with open(out / f"agent_eval_{cfg.final_eval_split}.jsonl", "w", encoding="utf-8") as f:
-                for ep in res["episodes"]:
-                    f.write(json.dumps(ep) + "\n")
+            write_episodes(out / f"agent_eval_{cfg.final_eval_split}.jsonl", res["episodes"])
     if accelerator.is_main_process:
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         write_agent_report(results, out)

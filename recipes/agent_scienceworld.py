@@ -89,7 +89,7 @@ def write_report(results: dict, out: Path) -> Path:
 
 
 def main(cfg: AgentConfig) -> dict:
-    from fastrank.agent_eval import _scienceworld_tasks, evaluate_agent
+    from fastrank.agent_eval import _scienceworld_tasks, evaluate_agent, write_episodes
     from fastrank.dagger import agent_accelerator, agent_model, fit
 
     accelerator = agent_accelerator(cfg)
@@ -116,9 +116,7 @@ def main(cfg: AgentConfig) -> dict:
         batch = min(cfg.batch_size, 2)  # one JVM per game in flight, as the CLI caps it
         res = evaluate_agent(model, "scienceworld", make_env, tasks, max_steps=cfg.max_steps, batch_size=batch,
                              candidates=guard, seed=0, desc=f"agent-eval scienceworld {cfg.final_eval_split}")
-        with open(out / "agent_eval_scienceworld.jsonl", "w", encoding="utf-8") as f:
-            for ep in res["episodes"]:
-                f.write(json.dumps(ep) + "\n")
+        write_episodes(out / "agent_eval_scienceworld.jsonl", res["episodes"])
         results.update(eval=res["summary"], episodes=res["episodes"],
                        focus_audit=focus_audit(res["episodes"]), max_steps=cfg.max_steps,
                        max_candidates=cfg.max_candidates,

@@ -93,7 +93,7 @@ def write_report(results: dict, out: Path) -> Path:
 
 
 def main(cfg: AgentConfig) -> dict:
-    from fastrank.agent_eval import evaluate_agent
+    from fastrank.agent_eval import evaluate_agent, write_episodes
     from fastrank.dagger import agent_accelerator, agent_model, fit
     from fastrank.data.webshop_agent import leak_free_goals, teacher_sets
     from fastrank.envs.webshop import WebShopEnv, agent_tasks
@@ -121,9 +121,7 @@ def main(cfg: AgentConfig) -> dict:
         make_env, tasks = agent_tasks(cfg.final_eval_games)
         res = evaluate_agent(model, "webshop", make_env, tasks, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
                              desc="agent-eval webshop test goals")
-        with open(out / "agent_eval_webshop.jsonl", "w", encoding="utf-8") as f:
-            for ep in res["episodes"]:
-                f.write(json.dumps(ep) + "\n")
+        write_episodes(out / "agent_eval_webshop.jsonl", res["episodes"])
         results.update(eval=res["summary"], max_steps=cfg.max_steps,
                        reference=reference_policies(tasks, cfg.max_steps),
                        command=(f"fastrank agent-eval --env webshop --goals {cfg.final_eval_games} --max-steps "

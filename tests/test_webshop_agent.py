@@ -129,7 +129,7 @@ def test_teacher_sets_label_first_with_history_and_no_test_goal(env):
     assert len(keys) == len(set(keys))  # run 1 repeats run 0 where it took no detour: kept once
     state = env.reset(0)
     with pytest.raises(AssertionError, match="test goal"):
-        check_leak_free(0, state, env)
+        check_leak_free(0, state, test_products(env))
 
 
 def test_recipe_end_to_end(tmp_path):

@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fastrank.data.page_context import listing_text, page_listing, verbatim_in
+
 _WORD = re.compile(r"[a-z0-9]+")
 FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 
@@ -35,19 +37,6 @@ _FUNCTION_WORDS = {"a", "an", "the", "to", "from", "in", "on", "with", "at", "of
 
 def _stem(w: str) -> str:
     return w[:-1] if len(w) > 3 and w.endswith("s") else w  # "cellphones" in a goal names "cellphone 1"
-
-
-_CLICK = re.compile(r"\s*click\[(.+)\]\s*")
-
-
-def _verbatim_in(goal: str, action: str) -> bool:
-    """A click whose whole argument the goal states as a phrase: "size: large" names `click[large]` but not
-    `click[x-large]`, which the word-level "goal names" note cannot tell apart (both share "large")."""
-    m = _CLICK.fullmatch(action)
-    if not m:
-        return False
-    arg = m.group(1).strip().lower()
-    return bool(arg) and re.search(rf"(?<![\w-]){re.escape(arg)}(?![\w-])", goal.lower()) is not None
 
 
 def overlap_features(state: str, action: str) -> dict[str, float]:
@@ -89,8 +78,6 @@ class Featurizer:
             return state, [self.action_text(goal, observation, a) for a in candidates]
         from fastrank.data.history import EpisodeMemory
 
-        from fastrank.data.page_context import listing_text, page_listing
-
         mem = EpisodeMemory.from_turns(history or [])
         state += f" history: {mem.summary() or 'none'}"
         goal_words = {_stem(w) for w in words(goal)}
@@ -101,7 +88,7 @@ class Featurizer:
             named = [w for w in dict.fromkeys(words(f"{a} {title}")) if w not in _FUNCTION_WORDS and not w.isdigit()
                      and _stem(w) in goal_words]
             note = mem.annotate(a) + (f"; {head}" if head else "") + (f"; goal names: {' '.join(named)}" if named else "")
-            if _verbatim_in(goal, a):
+            if verbatim_in(goal, a):
                 note += "; verbatim in goal"
             out.append(f"action: {a.strip()} ({note})" + (f" {title}" if title else ""))
         return state, out

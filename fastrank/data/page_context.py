@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 SEP = " [SEP] "
+_CLICK = re.compile(r"\s*click\[(.+)\]\s*")
 _ID = re.compile(r"[A-Za-z0-9]{6,16}")
 _PRICE = re.compile(r"\$\s?(\d[\d,]*(?:\.\d+)?)")
 _BUDGET = re.compile(r"price lower than \$?(\d[\d,]*(?:\.\d+)?)", re.I)
@@ -39,6 +40,19 @@ def page_listing(observation: str, max_gap: int = 3) -> dict[str, tuple[int, str
     return out
 
 
+def click_arg(action: str) -> str | None:
+    """The argument of a `click[...]` action (stripped), else None."""
+    m = _CLICK.fullmatch(action)
+    return m.group(1).strip() if m else None
+
+
+def verbatim_in(goal: str, action: str) -> bool:
+    """A click whose whole argument the goal states as a phrase: "size: large" names `click[large]` but not
+    `click[x-large]`, which the word-level "goal names" note cannot tell apart (both share "large")."""
+    arg = (click_arg(action) or "").lower()
+    return bool(arg) and re.search(rf"(?<![\w-]){re.escape(arg)}(?![\w-])", goal.lower()) is not None
+
+
 def budget(goal: str) -> float | None:
     """The goal's price limit ("... and price lower than 90.00 dollars"), or None."""
     m = _BUDGET.search(goal)
@@ -54,8 +68,8 @@ def within_budget(price_text: str, limit: float) -> bool | None:
 def listing_text(goal: str, listing: dict[str, tuple[int, str, str]], action: str) -> tuple[str, str]:
     """(head, title) for a click on a listed id, else ('', ''): head = 'result N, <price>[, under|over
     budget]' -- what decides, kept short so a candidate token budget cuts the title's end, never it."""
-    m = re.fullmatch(r"\s*click\[(.+)\]\s*", action)
-    hit = listing.get(m.group(1).strip().lower()) if m else None
+    arg = click_arg(action)
+    hit = listing.get(arg.lower()) if arg else None
     if hit is None:
         return "", ""
     rank, title, price = hit

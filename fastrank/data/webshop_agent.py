@@ -61,8 +61,10 @@ def teacher_action(env, state, *, exclude: frozenset[str] = frozenset()) -> str 
         best = max(shown, key=lambda a: (achievable_reward(env, s.goal, a), -shown.index(a)))
         return f"click[{best.lower()}]"
     if page == "item_page":
-        lo = (s.results_page - 1) * 10
-        shown = [a for a, _ in s.hits[lo:lo + 10] if a not in exclude]
+        from fastrank.envs.webshop import RESULTS_PER_PAGE
+
+        lo = (s.results_page - 1) * RESULTS_PER_PAGE
+        shown = [a for a, _ in s.hits[lo:lo + RESULTS_PER_PAGE] if a not in exclude]
         mine = achievable_reward(env, s.goal, s.asin)
         if shown and mine < max(achievable_reward(env, s.goal, a) for a in shown) - 1e-9:
             return "click[< prev]"
@@ -141,7 +143,7 @@ def teacher_sets(goal_indices, *, runs_per_goal: int = 2, detour_prob: float = 0
                 key = (gi, state.observation, action, tuple(t for t, _ in turns))
                 if len(state.admissible) > 1 and key not in seen:  # a run without detours repeats run 0
                     seen.add(key)
-                    check_leak_free(gi, state, env)
+                    check_leak_free(gi, state, exclude)
                     others = [a for a in dict.fromkeys(state.admissible) if a != action]
                     sets.append(CandidateSet(
                         env=ENV, episode_id=f"{ENV}/teacher/{gi}/{run}", step=steps, task_type=page,
@@ -157,11 +159,12 @@ def teacher_sets(goal_indices, *, runs_per_goal: int = 2, detour_prob: float = 0
     return sets, stats
 
 
-def check_leak_free(goal_index: int, state, env) -> None:
-    """Raise if a training state is on a test goal or shows the item page of a test product."""
+def check_leak_free(goal_index: int, state, test_targets: frozenset[str]) -> None:
+    """Raise if a training state is on a test goal or shows the item page of a test product
+    (`test_targets`: `test_products(env)`)."""
     from fastrank.envs.webshop_catalog import TEST_GOALS
 
     if goal_index in TEST_GOALS:
         raise AssertionError(f"goal {goal_index}: a test goal in the training sets")
-    if state.info["asin"] in test_products(env) and state.info["page"] in ("item_page", "item_sub_page"):
+    if state.info["asin"] in test_targets and state.info["page"] in ("item_page", "item_sub_page"):
         raise AssertionError(f"goal {goal_index}: a training state on test product {state.info['asin']}")
