@@ -25,22 +25,26 @@ def test_memory_tracks_holding_progress_and_searched_places():
     mem = EpisodeMemory.from_turns(TURNS)
     assert mem.holding == ["apple 1"]
     assert mem.done == ["take apple 1 from countertop 2", "clean apple 1 with sinkbasin 1"]  # not "examine"
-    # one entry per place, the drawer's newest observation (opened: empty) replaces "closed"
-    assert mem.searched == {"countertop 1": "a bread 1, and a knife 2", "drawer 1": "nothing",
-                            "countertop 2": "a apple 1", "sinkbasin 1": "nothing"}
+    # one entry per place, the drawer's newest observation (opened: empty) replaces "closed"; the apple
+    # taken from countertop 2 is no longer listed there
+    assert mem.searched == {"countertop 1": ["bread 1", "knife 2"], "drawer 1": [],
+                            "countertop 2": [], "sinkbasin 1": []}
     text = mem.summary()
-    assert text.startswith("holding: apple 1 | done: clean apple 1 with sinkbasin 1; take apple 1")
+    assert text.startswith("holding: apple 1 (cleaned) | done: clean apple 1 with sinkbasin 1; take apple 1")
+    assert "countertop 2: nothing" in text and "countertop 1: bread 1, knife 2" in text
     assert "recent: examine sinkbasin 1 -> Nothing happens.; clean apple 1" in text  # newest first
-    assert text.index("searched: sinkbasin 1") < text.index("countertop 1: a bread 1")
+    assert text.index("searched: sinkbasin 1") < text.index("countertop 1: bread 1")
 
 
 def test_candidates_are_annotated_with_what_the_episode_says_about_them():
     mem = EpisodeMemory.from_turns(TURNS + [("go to countertop 1", "On the countertop 1, you see a bread 1.")])
-    assert mem.annotate("go to countertop 1") == "taken 2x; seen there: a bread 1"
+    assert mem.annotate("go to countertop 1") == "taken 2x; seen there: bread 1"
     assert mem.annotate("open drawer 1") == "taken 1x; seen there: nothing"
-    assert mem.annotate("go to fridge 1") == "new"
+    assert mem.annotate("go to fridge 1") == "new; unvisited"
+    assert mem.annotate("inventory") == "new"  # not a place
     state, actions = Featurizer("history").texts("g", "o", ["go to fridge 1", "go to drawer 1"], TURNS)
-    assert actions == ["action: go to fridge 1 (new)", "action: go to drawer 1 (taken 1x; seen there: nothing)"]
+    assert actions == ["action: go to fridge 1 (new; unvisited)",
+                       "action: go to drawer 1 (taken 1x; seen there: nothing)"]
     assert Featurizer().texts("g", "o", ["go to drawer 1"], TURNS)[1][0].startswith("action: go to drawer 1\nfeatures:")
 
 
@@ -50,7 +54,7 @@ def test_actions_say_which_of_their_words_the_goal_names():
                                               "go to desk 1"], [])
     assert actions == ["action: take cellphone 2 from bed 1 (new; goal names: cellphone)",
                        "action: put cellphone 2 in/on drawer 1 (new; goal names: cellphone drawer)",
-                       "action: go to desk 1 (new)"]  # function words and numbers are never "named"
+                       "action: go to desk 1 (new; unvisited)"]  # function words and numbers are never "named"
 
 
 def test_put_releases_and_failed_actions_do_not_count():
@@ -59,7 +63,27 @@ def test_put_releases_and_failed_actions_do_not_count():
                          ("heat apple 1 with fridge 1", "Nothing happens.")]
     mem = EpisodeMemory.from_turns(turns)
     assert mem.holding == [] and mem.done[-1] == "put apple 1 in/on fridge 1"
+    assert mem.searched["countertop 2"] == []  # taken from there ...
+    assert "fridge 1: closed" in mem.summary()  # ... and put into a place never seen open: no object list
     assert summarize_history([]) == "" and summarize_history(None) == ""
+
+
+def test_objects_move_with_the_agent_and_goal_items_are_flagged_where_seen():
+    turns = [("go to countertop 1", "On the countertop 1, you see a apple 2, a bread 1, and a apple 1."),
+             ("go to countertop 2", "On the countertop 2, you see a cellphone 3."),
+             ("take cellphone 3 from countertop 2", "You pick up the cellphone 3 from the countertop 2."),
+             ("go to bed 1", "On the bed 1, you see nothing."),
+             ("put cellphone 3 in/on bed 1", "You put the cellphone 3 in/on the bed 1.")]
+    mem = EpisodeMemory.from_turns(turns)
+    assert mem.searched == {"countertop 1": ["apple 2", "bread 1", "apple 1"], "countertop 2": [],
+                            "bed 1": ["cellphone 3"]}
+    assert mem.seen_items("go to countertop 1") == ["apple 2", "bread 1", "apple 1"]
+    assert mem.seen_items("take apple 1 from countertop 1") == []  # not a place
+    _, actions = Featurizer("history").texts("put two apples in fridge.", "o",
+                                             ["go to countertop 1", "go to countertop 2", "go to bed 1"], turns)
+    assert actions[0] == ("action: go to countertop 1 (taken 1x; goal items there: apple 2, apple 1; "
+                          "seen there: apple 2, bread 1, apple 1)")
+    assert "goal items" not in actions[1] and "goal items" not in actions[2]
 
 
 def test_state_text_truncation_drops_the_oldest_history_first():
@@ -72,7 +96,7 @@ def test_state_text_truncation_drops_the_oldest_history_first():
     assert len(tok(full)["input_ids"]) > 60  # the cut is real
     assert cut.startswith("state : goal : put a clean apple in fridge. observation : on the sinkbasin 1")
     assert "holding : apple 1" in cut  # newest facts survive
-    assert "countertop 1 : a bread" not in cut  # the oldest searched place went first
+    assert "countertop 1 : bread" not in cut and "countertop 1 : bread" in tok.decode(tok(full)["input_ids"], skip_special_tokens=True)  # the oldest searched place went first
     # modes without history ignore it, so old checkpoints score exactly as before
     assert Featurizer().state_text(goal, obs, TURNS) == Featurizer().state_text(goal, obs)
 

@@ -87,7 +87,9 @@ class Featurizer:
             head, title = listing_text(goal, listing, a) if listing else ("", "")  # a product id: its listing
             named = [w for w in dict.fromkeys(words(f"{a} {title}")) if w not in _FUNCTION_WORDS and not w.isdigit()
                      and _stem(w) in goal_words]
-            note = mem.annotate(a) + (f"; {head}" if head else "") + (f"; goal names: {' '.join(named)}" if named else "")
+            # the objects the goal asks for that were seen at this place (and are still there)
+            there = [o for o in mem.seen_items(a) if any(_stem(w) in goal_words for w in words(o) if not w.isdigit())]
+            note = mem.annotate(a, there) + (f"; {head}" if head else "") + (f"; goal names: {' '.join(named)}" if named else "")
             if verbatim_in(goal, a):
                 note += "; verbatim in goal"
             out.append(f"action: {a.strip()} ({note})" + (f" {title}" if title else ""))

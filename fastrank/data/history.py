@@ -6,15 +6,18 @@ actions measured before this existed). The summary gives it the state a text age
 the (action, observation) pairs of the episode, nothing else:
 
 - ``holding``: what the agent carries (``You pick up the X`` / ``You put the X``; ``You move the X to
-  the inventory``);
+  the inventory``), with what was done to it (``apple 1 (cleaned)``): a cleaned apple looks like any other;
 - ``done``: effectful actions that worked (take, put, heat, clean, cool, use, move, ...), newest first:
   progress that a later observation no longer shows;
 - ``recent``: the last few actions with the first words of what they revealed, newest first;
-- ``searched``: every place visited or opened with what was seen there (``nothing`` / ``closed`` /
-  the contents), newest first, one entry per place.
+- ``searched``: every place visited or opened with what is there as far as the agent knows (``nothing`` /
+  ``closed`` / the objects seen, minus those it took since, plus those it put there), newest first, one
+  entry per place. Without the update a place keeps advertising the apple the agent already carries,
+  and the policy walks back to it.
 
 Each candidate action is annotated too (`EpisodeMemory.annotate`): ``new`` or ``taken 2x``, and for a
-place already searched what was seen there, so the ranker reads the history right beside the action.
+place what is known to be there, or ``unvisited``, so the ranker reads the history right beside the action
+(the featurizer adds which of those objects the goal names).
 
 Every list is newest first, and the featurizer writes the summary after the goal and the current
 observation, so right-truncation of the state text (``truncation="only_first"``, or the prefix
@@ -31,11 +34,15 @@ from typing import Sequence
 Turn = tuple[str, str]  # (action, the observation it produced)
 
 _SEE = re.compile(r"\byou see (.+?)(?:\.|$)", re.I)
-_PICK = re.compile(r"you pick up the (.+?) from", re.I)
-_PUT = re.compile(r"you put the (.+?) (?:in|on)(?:/on)? the", re.I)
+_PICK = re.compile(r"you pick up the (.+?) from the (.+?)\.?$", re.I)
+_PUT = re.compile(r"you put the (.+?) (?:in|on)(?:/on)? the (.+?)\.?$", re.I)
 _TO_INV = re.compile(r"you move the (.+?) to the inventory", re.I)
+# ALFWorld's replies to a successful change of an object's state: "You heat the egg 1 using the microwave 1."
+_CHANGE = re.compile(r"you (heat|cool|clean|slice) the (.+?) (?:using|with) the", re.I)
+_PAST = {"heat": "heated", "cool": "cooled", "clean": "cleaned", "slice": "sliced"}
 _NAV = ("go to", "open", "close", "look", "examine", "inventory", "teleport to", "focus on", "wait")
 _FAILED = ("nothing happens", "i'm not sure", "no known action", "you can't", "that's not", "it's not")
+_ARTICLE = re.compile(r"^(?:a|an|the|some)\s+", re.I)
 
 
 def _first_words(text: str, n: int) -> str:
@@ -51,14 +58,26 @@ def _place_of(action: str) -> str | None:
     return None
 
 
-def _seen_there(observation: str) -> str:
+def _items(listing: str) -> list[str]:
+    """'a bread 1, and a knife 2' -> ['bread 1', 'knife 2'] (ALFWorld's object lists)."""
+    parts = re.split(r",\s*(?:and\s+)?|\s+and\s+", listing.strip())
+    return [_ARTICLE.sub("", p).strip() for p in parts if p.strip() and p.strip().lower() != "nothing"]
+
+
+def _seen_there(observation: str) -> str | list[str]:
+    """What a place showed: its objects (a list, [] = nothing), 'closed', or the first words of a reply
+    this parser does not know (ScienceWorld's rooms, say)."""
     o = observation.strip()
     m = _SEE.search(o)
     if m:
-        return m.group(1).strip()
+        return _items(m.group(1))
     if re.search(r"\bis closed\b", o, re.I):
         return "closed"
     return _first_words(o, 8)
+
+
+def _shown(seen: str | list[str]) -> str:
+    return seen if isinstance(seen, str) else (", ".join(seen) or "nothing")
 
 
 class EpisodeMemory:
@@ -68,8 +87,11 @@ class EpisodeMemory:
         self.max_recent, self.max_done, self.obs_words = max_recent, max_done, obs_words
         self.turns: list[Turn] = []
         self.holding: list[str] = []
+        self.changed: dict[str, list[str]] = {}  # object -> what was done to it (heated, cleaned, ...)
         self.done: list[str] = []
-        self.searched: dict[str, str] = {}  # place -> what was seen (insertion order = last visit order)
+        # place -> what is there now as far as the agent knows (insertion order = last visit order): the
+        # objects seen, minus those taken since, plus those put there
+        self.searched: dict[str, str | list[str]] = {}
         self.taken: Counter = Counter()  # action -> times taken
 
     @classmethod
@@ -88,39 +110,66 @@ class EpisodeMemory:
         if place is not None and not low_o.startswith(_FAILED):
             self.searched.pop(place, None)
             self.searched[place] = _seen_there(observation)
-        m = _PICK.search(observation) or _TO_INV.search(observation)
+        m = _PICK.search(observation)
+        if m:
+            obj, src = m.group(1), m.group(2).lower()
+            if obj not in self.holding:
+                self.holding.append(obj)
+            if isinstance(self.searched.get(src), list):  # it is no longer where it was seen
+                self.searched[src] = [x for x in self.searched[src] if x != obj]
+        m = _TO_INV.search(observation)
         if m and m.group(1) not in self.holding:
             self.holding.append(m.group(1))
         m = _PUT.search(observation)
         if m and m.group(1) in self.holding:
-            self.holding.remove(m.group(1))
+            obj, dst = m.group(1), m.group(2).lower()
+            self.holding.remove(obj)
+            if isinstance(self.searched.get(dst), list) and obj not in self.searched[dst]:
+                self.searched[dst] = self.searched[dst] + [obj]
+        m = _CHANGE.search(observation)
+        if m:
+            self.changed.setdefault(m.group(2), []).append(_PAST[m.group(1).lower()])
         if not low_a.startswith(_NAV) and not low_o.startswith(_FAILED) and low_o:
             self.done.append(action)
 
-    def annotate(self, action: str) -> str:
-        """What the episode says about one candidate action: how often it was taken, and for a place
-        already searched what was seen there. Read beside the action, this is what lets a ranker stop
-        re-visiting an empty drawer, which the state summary alone did not (measured: a BC policy trained
-        without it ping-ponged between two empty sidetables)."""
+    def seen_items(self, action: str) -> list[str]:
+        """The objects last seen at the place a navigation action leads to ([] if none or not a place)."""
+        place = _place_of(action)
+        seen = self.searched.get(place) if place is not None else None
+        return seen if isinstance(seen, list) else []
+
+    def annotate(self, action: str, goal_items: Sequence[str] = ()) -> str:
+        """What the episode says about one candidate action: how often it was taken, and for a place what
+        is known to be there (``unvisited`` if nothing). Read beside the action, this is what lets a ranker
+        stop re-visiting an empty drawer, which the state summary alone did not (measured: a BC policy
+        trained without it ping-ponged between two empty sidetables). `goal_items`: the objects there that
+        the goal names (the featurizer knows the goal)."""
         a = action.strip().lower()
         n = self.taken.get(a, 0)
         note = f"taken {n}x" if n else "new"
+        if goal_items:  # before the contents, which the candidate's token budget may cut
+            note += f"; goal items there: {', '.join(goal_items)}"
         place = _place_of(a)
         if place is not None and place in self.searched:
-            note += f"; seen there: {_first_words(self.searched[place], 8)}"
+            note += f"; seen there: {_first_words(_shown(self.searched[place]), 8)}"
+        elif place is not None:
+            note += "; unvisited"
         return note
+
+    def _held(self, obj: str) -> str:
+        return f"{obj} ({', '.join(self.changed[obj])})" if obj in self.changed else obj
 
     def summary(self) -> str:
         """The history text, newest first in every part ('' before the first step)."""
         if not self.turns:
             return ""
-        parts = [f"holding: {', '.join(self.holding) if self.holding else 'nothing'}"]
+        parts = [f"holding: {', '.join(self._held(o) for o in self.holding) if self.holding else 'nothing'}"]
         if self.done:
             parts.append("done: " + "; ".join(reversed(self.done[-self.max_done:])))
         recent = [f"{a} -> {_first_words(o, self.obs_words)}" for a, o in reversed(self.turns[-self.max_recent:])]
         parts.append("recent: " + "; ".join(recent))
         if self.searched:
-            parts.append("searched: " + "; ".join(f"{p}: {s}" for p, s in reversed(self.searched.items())))
+            parts.append("searched: " + "; ".join(f"{p}: {_shown(s)}" for p, s in reversed(self.searched.items())))
         return " | ".join(parts)
 
 
