@@ -46,6 +46,7 @@ class AgentConfig:
     # WebShop recipe (recipes/agent_webshop.py) only
     ws_runs_per_goal: int = 2  # reward-teacher episodes per leak-free goal (run 0 without detours)
     ws_detour_prob: float = 0.3  # per results / item page of runs 1+: a detour taken first (recovery states)
+    ws_sampled: int = 0  # per training set, other episodes' teacher actions added as distractors (`sampled` mode)
     max_candidates: int = 64  # evaluation: bound on the valid-action list offered (agent-eval --max-candidates)
     # bookkeeping
     seed: int = 42  # seeds game order, negatives, model init

@@ -95,7 +95,7 @@ def write_report(results: dict, out: Path) -> Path:
 def main(cfg: AgentConfig) -> dict:
     from fastrank.agent_eval import evaluate_agent, write_episodes
     from fastrank.dagger import agent_accelerator, agent_model, fit
-    from fastrank.data.webshop_agent import leak_free_goals, teacher_sets
+    from fastrank.data.webshop_agent import leak_free_goals, teacher_sets, with_sampled_distractors
     from fastrank.envs.webshop import WebShopEnv, agent_tasks
 
     accelerator = agent_accelerator(cfg)
@@ -107,9 +107,9 @@ def main(cfg: AgentConfig) -> dict:
     sets, stats = teacher_sets(goals, runs_per_goal=cfg.ws_runs_per_goal, detour_prob=cfg.ws_detour_prob,
                                seed=cfg.seed, env=env)
     accelerator.print(json.dumps(stats.as_dict()))
-    train_sets = sets
-    if cfg.max_train_sets and len(sets) > cfg.max_train_sets:
-        train_sets = random.Random(cfg.seed).sample(sets, cfg.max_train_sets)
+    train_sets = with_sampled_distractors(sets, cfg.ws_sampled, seed=cfg.seed)
+    if cfg.max_train_sets and len(train_sets) > cfg.max_train_sets:
+        train_sets = random.Random(cfg.seed).sample(train_sets, cfg.max_train_sets)
     model = agent_model(cfg, accelerator.device)
     train_info = fit(model, train_sets, cfg, accelerator, seed=cfg.seed, desc="behaviour cloning")
     accelerator.print(json.dumps(train_info))

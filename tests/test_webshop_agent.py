@@ -132,6 +132,26 @@ def test_teacher_sets_label_first_with_history_and_no_test_goal(env):
         check_leak_free(0, state, test_products(env))
 
 
+def test_sampled_distractors_come_from_other_episodes_and_are_not_on_the_page(env):
+    from fastrank.data.webshop_agent import leak_free_goals, teacher_sets, with_sampled_distractors
+
+    sets, _ = teacher_sets(leak_free_goals(env)[:12], seed=3, env=env)
+    mixed = with_sampled_distractors(sets, 4, seed=0)
+    assert with_sampled_distractors(sets, 4, seed=0) == mixed  # seeded
+    assert with_sampled_distractors(sets, 0) == sets
+    teacher = {cs.candidates[0]: cs.episode_id for cs in sets}
+    added = 0
+    for before, after in zip(sets, mixed):
+        n = len(before.candidates)
+        assert after.candidates[:n] == before.candidates and after.expert_index == before.expert_index
+        extra = after.candidates[n:]
+        added += len(extra)
+        assert len(extra) <= 4 and after.sources[n:] == ["sampled"] * len(extra)
+        assert len(set(after.candidates)) == len(after.candidates)  # never an action the page offers
+        assert all(a in teacher for a in extra)  # other states' teacher actions
+    assert added > 3 * len(sets)
+
+
 def test_recipe_end_to_end(tmp_path):
     """Teacher data, a few BC steps of a tiny encoder, the agent on 4 test goals, references, click net gain."""
     from transformers import AutoTokenizer, BertConfig, BertModel

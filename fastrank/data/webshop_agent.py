@@ -20,6 +20,7 @@ no recorded state shows the item page of a test product (`check_leak_free` asser
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -157,6 +158,34 @@ def teacher_sets(goal_indices, *, runs_per_goal: int = 2, detour_prob: float = 0
             stats.rewards.append(state.reward if state.done else 0.0)
     stats.sets = len(sets)
     return sets, stats
+
+
+def with_sampled_distractors(sets: list[CandidateSet], k: int, seed: int = 0) -> list[CandidateSet]:
+    """Each set plus up to `k` other episodes' teacher actions that its page does not offer (the paper's
+    `sampled` distractors, source "sampled"). A model cloned on page clickables alone never sees an action
+    from another page, and on the `sampled` click eval it barely beat the lexical floor (+0.340 vs +0.328),
+    which wins there by noticing that the distractor's words are not on the page."""
+    if k <= 0:
+        return list(sets)
+    pool: dict[str, list[tuple[str, str]]] = {}
+    for cs in sets:
+        pool.setdefault(cs.task_type, []).append((cs.episode_id, cs.candidates[cs.expert_index]))
+    everything = [x for xs in pool.values() for x in xs]
+    out = []
+    for i, cs in enumerate(sets):
+        rng = random.Random(f"{seed}/{i}")
+        have, extra = set(cs.candidates), []
+        for source in (pool.get(cs.task_type, []), everything):  # the same page type first, then any
+            for _ in range(4 * k):
+                if len(extra) >= k or not source:
+                    break
+                ep, action = rng.choice(source)
+                if ep != cs.episode_id and action not in have:
+                    have.add(action)
+                    extra.append(action)
+        out.append(dataclasses.replace(cs, candidates=list(cs.candidates) + extra,
+                                       sources=list(cs.sources) + ["sampled"] * len(extra)))
+    return out
 
 
 def check_leak_free(goal_index: int, state, test_targets: frozenset[str]) -> None:
