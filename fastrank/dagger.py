@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from fastrank.agent_config import AgentConfig
+from fastrank.data.features import goal_stems, named_words
 from fastrank.data.record import CandidateSet, read_records, write_records
 from fastrank.ops import listwise_rank_loss, pairwise_rank_loss
 from fastrank.packing import TokenBudgetBatchSampler
@@ -72,11 +73,18 @@ def labelled_set(slot: Slot, label: str, max_negatives: int, rng: random.Random,
                  scores: dict[str, float] | None = None) -> CandidateSet:
     s = slot.state
     others = [a for a in dict.fromkeys(s.admissible) if a != label]
-    # The informative negatives: the actions the current policy scores highest (hard-negative mining), and
-    # its own earlier actions offered again (a uniform sample of ~30 admissible actions rarely contains the
-    # one it repeats); the rest uniform.
+    # The informative negatives: the actions the current policy scores highest (hard-negative mining) -- on
+    # an expert-only state, which no policy scored, the actions naming the most goal words (putting the
+    # apple back where it lay names "apple" too: a BC policy that never saw that contrast did exactly that,
+    # measured) -- and its own earlier actions offered again (a uniform sample of ~30 admissible actions
+    # rarely contains the one it repeats); the rest uniform.
     third = max(1, max_negatives // 3)
-    hard = sorted((a for a in others if scores and a in scores), key=lambda a: -scores[a])[:third]
+    if scores:
+        hard = sorted((a for a in others if a in scores), key=lambda a: -scores[a])[:third]
+    else:
+        stems = goal_stems(s.goal)
+        shuffled = rng.sample(others, len(others))  # ties in a random order
+        hard = [a for a in sorted(shuffled, key=lambda a: -len(named_words(stems, a))) if named_words(stems, a)][:third]
     taken = set(a for a, _ in slot.memory.turns)
     mine = [a for a in others if a in taken and a not in hard][:third]
     picked = set(hard) | set(mine)

@@ -54,6 +54,20 @@ def test_labelled_set_puts_the_label_among_admissible_negatives_with_history():
                                       {"by": "policy", "action": "e", "label": None}]}]) == 0.5
 
 
+def test_expert_states_get_the_actions_naming_goal_words_as_hard_negatives():
+    """No policy scored a BC state: its mined third are the actions that name the most goal words (putting
+    the alarmclock back where it lay), which a uniform draw from ~30 admissible actions seldom offers."""
+    adm = ["go to desk 1", "put alarmclock 3 in/on sidetable 1", "examine sidetable 1", "go to shelf 1",
+           "go to shelf 2", "go to bed 1", "inventory", "look", "take alarmclock 2 from sidetable 1"]
+    mem = EpisodeMemory.from_turns([("take alarmclock 3 from sidetable 1", "You pick up the alarmclock 3 from the sidetable 1.")])
+    for seed in range(5):
+        state = EnvState("obs", "put a alarmclock in desk.", adm, "t", info={"expert_plan": "go to desk 1"})
+        slot = SimpleNamespace(state=state, memory=mem, log=[{}], task="g")
+        cs = labelled_set(slot, "go to desk 1", max_negatives=6, rng=random.Random(seed))
+        assert set(cs.candidates[1:3]) == {"put alarmclock 3 in/on sidetable 1", "take alarmclock 2 from sidetable 1"}
+        assert len(cs.candidates) == 7 and len(set(cs.candidates)) == 7
+
+
 def _games(split="train"):
     if not TARBALL.exists():
         pytest.skip(f"shared data not here: {TARBALL}")

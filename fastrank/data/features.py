@@ -39,6 +39,15 @@ def _stem(w: str) -> str:
     return w[:-1] if len(w) > 3 and w.endswith("s") else w  # "cellphones" in a goal names "cellphone 1"
 
 
+def goal_stems(goal: str) -> set[str]:
+    return {_stem(w) for w in words(goal)}
+
+
+def named_words(stems: set[str], text: str) -> list[str]:
+    """The content words of `text` that the goal (its `goal_stems`) names, in order, once each."""
+    return [w for w in dict.fromkeys(words(text)) if w not in _FUNCTION_WORDS and not w.isdigit() and _stem(w) in stems]
+
+
 def overlap_features(state: str, action: str) -> dict[str, float]:
     """Jaccard, coverage of the action's words by the state (and the reverse), bigram overlap."""
     sw, aw = words(state), words(action)
@@ -80,13 +89,12 @@ class Featurizer:
 
         mem = EpisodeMemory.from_turns(history or [])
         state += f" history: {mem.summary() or 'none'}"
-        goal_words = {_stem(w) for w in words(goal)}
+        goal_words = goal_stems(goal)
         listing = page_listing(observation)
         out = []
         for a in candidates:
             head, title = listing_text(goal, listing, a) if listing else ("", "")  # a product id: its listing
-            named = [w for w in dict.fromkeys(words(f"{a} {title}")) if w not in _FUNCTION_WORDS and not w.isdigit()
-                     and _stem(w) in goal_words]
+            named = named_words(goal_words, f"{a} {title}")
             # the objects the goal asks for that were seen at this place (and are still there)
             there = [o for o in mem.seen_items(a) if any(_stem(w) in goal_words for w in words(o) if not w.isdigit())]
             note = mem.annotate(a, there) + (f"; {head}" if head else "") + (f"; goal names: {' '.join(named)}" if named else "")
