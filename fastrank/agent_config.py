@@ -19,6 +19,8 @@ class AgentConfig:
     episodes: list[int] = field(default_factory=lambda: [160, 60, 60])  # train games played in each round
     betas: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # P(expert acts) per round; round 0 = BC
     max_steps: int = 50  # step limit per episode (ALFWorld's own evaluation limit)
+    avoid_repeats: bool = True  # the policy takes its best action not yet taken from the same observation, in
+    # rollouts and evaluations alike (agent-eval's ALFWorld default), so DAgger labels the states it really visits
     batch_size: int = 8  # games in lockstep, scored in one batch
     eval_games: int = 12  # fixed train games (not rolled out for data) played by the policy after each round
     # training

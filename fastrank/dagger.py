@@ -110,7 +110,7 @@ def collect(ranker, make_env, games: list, beta: float, cfg: AgentConfig, seed: 
     with tqdm(total=len(games), desc=desc, leave=False) as bar:
         ro = run_episodes(make_env, games, ranker, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
                           beta=beta, expert=lambda s: s.info.get("expert_plan"), on_state=on_state, seed=seed,
-                          progress=bar, score_all=True)
+                          progress=bar, score_all=True, avoid_repeats=cfg.avoid_repeats)
     return sets, ro
 
 
@@ -244,7 +244,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
         if not eval_games:
             return None
         ro_eval = run_episodes(AlfworldEnv, _shard(eval_games, accelerator), policy, max_steps=cfg.max_steps,
-                               batch_size=cfg.batch_size, seed=cfg.seed)
+                               batch_size=cfg.batch_size, seed=cfg.seed, avoid_repeats=cfg.avoid_repeats)
         episodes = _gather(ro_eval.episodes, accelerator)
         ev = summarize(episodes)
         ev.pop("per_task_type", None)
@@ -311,7 +311,8 @@ def run_dagger(cfg: AgentConfig) -> dict:
         val = list_games(ensure_games(cfg.games_dir), cfg.final_eval_split)
         tasks = [g.game_file for g in spread_over_types(val, None if cfg.final_eval_games < 0 else cfg.final_eval_games)]
         res = evaluate_agent(model, "alfworld", AlfworldEnv, tasks, max_steps=cfg.max_steps,
-                             batch_size=cfg.batch_size, desc=f"final eval {cfg.final_eval_split}")
+                             batch_size=cfg.batch_size, avoid_repeats=cfg.avoid_repeats,
+                             desc=f"final eval {cfg.final_eval_split}")
         results["final_eval"] = {"split": cfg.final_eval_split, **res["summary"]}
         if accelerator.is_main_process:
             write_episodes(out / f"agent_eval_{cfg.final_eval_split}.jsonl", res["episodes"])
