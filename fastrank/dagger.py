@@ -83,8 +83,8 @@ def labelled_set(slot: Slot, label: str, max_negatives: int, rng: random.Random,
         hard = sorted((a for a in others if a in scores), key=lambda a: -scores[a])[:third]
     else:
         stems = goal_stems(s.goal)
-        shuffled = rng.sample(others, len(others))  # ties in a random order
-        hard = [a for a in sorted(shuffled, key=lambda a: -len(named_words(stems, a))) if named_words(stems, a)][:third]
+        named = {a: len(named_words(stems, a)) for a in rng.sample(others, len(others))}  # ties in a random order
+        hard = [a for a in sorted(named, key=lambda a: -named[a]) if named[a]][:third]
     taken = set(a for a, _ in slot.memory.turns)
     mine = [a for a in others if a in taken and a not in hard][:third]
     picked = set(hard) | set(mine)

@@ -96,7 +96,7 @@ class Featurizer:
             head, title = listing_text(goal, listing, a) if listing else ("", "")  # a product id: its listing
             named = named_words(goal_words, f"{a} {title}")
             # the objects the goal asks for that were seen at this place (and are still there)
-            there = [o for o in mem.seen_items(a) if any(_stem(w) in goal_words for w in words(o) if not w.isdigit())]
+            there = [o for o in mem.seen_items(a) if named_words(goal_words, o)]
             note = mem.annotate(a, there) + (f"; {head}" if head else "") + (f"; goal names: {' '.join(named)}" if named else "")
             if verbatim_in(goal, a):
                 note += "; verbatim in goal"
