@@ -85,7 +85,7 @@ class ActionPool:
         return rng.choice(pool)[1] if pool else None
 
 
-def _fill_sampled(step: Step, pool: ActionPool, rng: random.Random, want: int,
+def fill_sampled(step: Step, pool: ActionPool, rng: random.Random, want: int,
                   chosen: list[str], sources: list[str], seen: set[str]) -> None:
     names, weights = zip(*STRATA)
     # Bounded retries: tiny pools (a unit test, a one-task environment) may not have `want` distinct actions.
@@ -115,7 +115,7 @@ def make_candidate_set(step: Step, pool: ActionPool, *, mode: str = "sampled", s
             seen.add(normalize_action(a))
             chosen.append(a)
             sources.append("admissible")
-    _fill_sampled(step, pool, rng, k - 1, chosen, sources, seen)
+    fill_sampled(step, pool, rng, k - 1, chosen, sources, seen)
     candidates = [step.expert_action] + chosen
     all_sources = ["expert"] + sources
     order = list(range(len(candidates)))

@@ -25,6 +25,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+from fastrank.data.negatives import ActionPool, fill_sampled, normalize_action
 from fastrank.data.record import CandidateSet
 
 ENV = "webshop"
@@ -161,28 +162,18 @@ def teacher_sets(goal_indices, *, runs_per_goal: int = 2, detour_prob: float = 0
 
 
 def with_sampled_distractors(sets: list[CandidateSet], k: int, seed: int = 0) -> list[CandidateSet]:
-    """Each set plus up to `k` other episodes' teacher actions that its page does not offer (the paper's
-    `sampled` distractors, source "sampled"). A model cloned on page clickables alone never sees an action
-    from another page, and on the `sampled` click eval it barely beat the lexical floor (+0.340 vs +0.328),
-    which wins there by noticing that the distractor's words are not on the page."""
+    """Each set plus up to `k` other states' teacher actions that its page does not offer, drawn as the paper's
+    `sampled` distractors are (`negatives.fill_sampled`: same page type from other episodes, other page types,
+    any), source "sampled". A model cloned on page clickables alone never sees an action from another page,
+    and on the `sampled` click eval it barely beat the lexical floor (+0.340 vs +0.328), which wins there by
+    noticing that the distractor's words are not on the page."""
     if k <= 0:
         return list(sets)
-    pool: dict[str, list[tuple[str, str]]] = {}
-    for cs in sets:
-        pool.setdefault(cs.task_type, []).append((cs.episode_id, cs.candidates[cs.expert_index]))
-    everything = [x for xs in pool.values() for x in xs]
+    pool = ActionPool.from_steps(sets)  # a CandidateSet carries what a Step does: env, task type, episode, expert action
     out = []
     for i, cs in enumerate(sets):
-        rng = random.Random(f"{seed}/{i}")
-        have, extra = set(cs.candidates), []
-        for source in (pool.get(cs.task_type, []), everything):  # the same page type first, then any
-            for _ in range(4 * k):
-                if len(extra) >= k or not source:
-                    break
-                ep, action = rng.choice(source)
-                if ep != cs.episode_id and action not in have:
-                    have.add(action)
-                    extra.append(action)
+        extra: list[str] = []
+        fill_sampled(cs, pool, random.Random(f"{seed}/{i}"), k, extra, [], {normalize_action(a) for a in cs.candidates})
         out.append(dataclasses.replace(cs, candidates=list(cs.candidates) + extra,
                                        sources=list(cs.sources) + ["sampled"] * len(extra)))
     return out
