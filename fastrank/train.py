@@ -29,7 +29,7 @@ from fastrank.data.record import CandidateSet
 from fastrank.metrics import net_gain_report
 from fastrank.model import Reranker
 from fastrank.ops import listwise_rank_loss, pairwise_rank_loss
-from fastrank.packing import TokenBudgetBatchSampler, encode_sets
+from fastrank.packing import TokenBudgetBatchSampler
 
 STATE_FILE = "train_state.json"
 
@@ -227,12 +227,13 @@ def train(cfg: TrainConfig) -> dict:
         model = build_model(cfg)
     else:
         model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
-            cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length)
+            cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout,
+            max_action_tokens=cfg.max_action_tokens)
     model.train()
     train_sets, evals = load_training_data(cfg)
     if not train_sets and cfg.epochs > 0:
         raise ValueError(f"no training sets for envs {cfg.envs} (fractions {cfg.train_fraction})")
-    encoded = encode_sets(train_sets, model.tokenizer, model.featurizer, model.max_length)
+    encoded = model.encode_sets(train_sets)  # in the model's layout
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
     if cfg.loss != "pairwise" and (cfg.routing or cfg.grad_projection != "none"):
@@ -240,6 +241,8 @@ def train(cfg: TrainConfig) -> dict:
                          f"grad_projection split the pairwise loss per environment (use loss=pairwise)")
     if cfg.packing not in ("packed", "padded"):
         raise ValueError(f"packing must be 'packed' or 'padded', got {cfg.packing!r}")
+    if cfg.layout != "pairs" and (cfg.routing or cfg.packing != "packed"):
+        raise ValueError(f"layout={cfg.layout!r} has its own batches: it takes neither routing nor packing=padded")
     collate = model.collator(packed=cfg.packing == "packed")
     sampler = TokenBudgetBatchSampler([e.n_tokens for e in encoded], cfg.max_tokens, shuffle=True,
                                       seed=cfg.seed, num_replicas=accelerator.num_processes,

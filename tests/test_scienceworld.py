@@ -121,6 +121,25 @@ def test_bounded_admissible_deterministic_capped_must_include():
         bounded_admissible(VALID, 1, 0, must_include=["a", "b"])
 
 
+def test_bounded_admissible_priority_gives_each_verb_its_most_relevant_actions():
+    from fastrank.data.features import relevance
+
+    goal = "Your task is to measure the temperature of water with the thermometer. First, focus on the water."
+    pr = relevance(goal, "You move the c to the inventory.")
+    verbs = {action_verb(x) for x in VALID}
+    for seed in range(5):
+        cut = bounded_admissible(VALID, len(verbs) + 2, seed, priority=pr)
+        assert {action_verb(x) for x in cut} == verbs  # the same breadth as the random cut
+        assert {"focus on water", "pick up thermometer"} <= set(cut)
+        # connect's two slots (it is the best-scored group, so it gets the extra ones) name c, the recent object
+        assert all(" c " in f" {x} " for x in cut if x.startswith("connect"))
+    # goal words count twice ("focus", "water"), words of the recent text once
+    assert pr("focus on water") == 4 and pr("connect c to d") == 1 and pr("go to kitchen") == 0
+    # without a priority the connect slots are a random draw, rarely both naming c
+    random_cuts = [bounded_admissible(VALID, len(verbs) + 2, seed) for seed in range(20)]
+    assert sum(all(" c " in f" {x} " for x in cut if x.startswith("connect")) for cut in random_cuts) < 10
+
+
 # -------------------------------------------------------------------------------------- aliases
 
 def test_normalize_action_folds_gold_aliases():

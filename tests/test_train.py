@@ -152,3 +152,20 @@ def test_two_cpu_processes_keep_parameters_identical(tiny_encoder, small_data, t
     sums = res["rank_param_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
     assert res["eval"]["sampled"]["combined"]["states"] == 36  # every eval set scored once across ranks
+
+
+def test_shared_prefix_layout_trains_saves_and_evaluates(tiny_encoder, small_data, tmp_path):
+    """layout=shared_prefix through the main trainer: the saved model keeps the layout, scores as it trained, and
+    a set costs fewer tokens than in pairs; the layout refuses what it cannot take."""
+    out = tmp_path / "p"
+    res = train(_cfg(tiny_encoder, small_data, out, "max_steps=3", "layout=shared_prefix", "loss=listwise",
+                     "max_eval_sets=4"))
+    assert res["steps"] == 3 and all(torch.isfinite(torch.tensor(res["history"]["loss"])))
+    assert res["eval"]["hard"]["combined"]["states"] == 12
+    model = Reranker.from_pretrained(out / "model")
+    assert model.layout == "shared_prefix"
+    cs = load_bundled("alfworld", "eval")[0]
+    pairs = Reranker.from_encoder(tiny_encoder, featurizer=model.featurizer, max_length=96)
+    assert model.encode_sets([cs])[0].n_tokens < pairs.encode_sets([cs])[0].n_tokens
+    with pytest.raises(ValueError, match="its own batches"):
+        train(_cfg(tiny_encoder, small_data, tmp_path / "q", "max_steps=1", "layout=shared_prefix", "packing=padded"))

@@ -48,6 +48,15 @@ def named_words(stems: set[str], text: str) -> list[str]:
     return [w for w in dict.fromkeys(words(text)) if w not in _FUNCTION_WORDS and not w.isdigit() and _stem(w) in stems]
 
 
+def relevance(goal: str, recent: str = ""):
+    """action -> 2 x (its content words the goal names) + (those the recent text names): an order for a prefilter
+    that must cut a huge action list (ScienceWorld offers ~1,700 actions a step). `recent`: the last action and what
+    it returned. On 24 replayed ScienceWorld train gold paths it keeps the gold action in a 64-action cut for 76.5 %
+    of states against 64.9 % for a verb-stratified random cut (fastrank/envs/scienceworld_actions.py)."""
+    g, r = goal_stems(goal), goal_stems(recent)
+    return lambda action: 2 * len(named_words(g, action)) + len(named_words(r, action))
+
+
 def overlap_features(state: str, action: str) -> dict[str, float]:
     """Jaccard, coverage of the action's words by the state (and the reverse), bigram overlap."""
     sw, aw = words(state), words(action)

@@ -39,6 +39,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from fastrank.data.features import relevance
 from fastrank.data.record import CandidateSet, Step
 from fastrank.envs.scienceworld_actions import bounded_admissible, stable_seed
 from fastrank.envs.scienceworld_tasks import canonical_task_name, eto_split_pairs
@@ -182,7 +183,11 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
             rng.shuffle(unnamed)
             wrong = (named + unnamed)[:max_wrong_focus]
             rest = [a for a in others if not a.startswith(FOCUS)]  # the wrong-focus cap holds
-            negs = wrong + bounded_admissible(rest, min(len(rest), max_negatives - len(wrong)), rng)
+            # the evaluation env's cut (`--candidate-order relevance`): negatives that name the goal's words, as
+            # the policy will meet them
+            recent = f"{ep[i - 1].expert_action} {s.observation}" if i else s.observation
+            negs = wrong + bounded_admissible(rest, min(len(rest), max_negatives - len(wrong)), rng,
+                                              priority=relevance(s.goal, recent))
             cands = [s.expert_action] + negs
             order = list(range(len(cands)))
             rng.shuffle(order)  # the label's position carries nothing
@@ -209,6 +214,23 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
     return out, st
 
 
+def candidate_coverage(steps: Iterable[Step], k: int, seed: int = 0) -> dict[str, float]:
+    """Share of labelable gold states whose gold action survives a `k`-action cut of the state's list, for the
+    evaluation env's two orders (`fastrank agent-eval --candidate-order`): the ceiling of any policy shown that
+    cut. Meaningful on full valid lists (`main --coverage K`: replays with every valid action kept)."""
+    hits, n = {"random": 0, "relevance": 0}, 0
+    for eid, ep in episodes_of(steps).items():
+        for i, s in enumerate(ep):
+            if not _labelable(s):
+                continue
+            n += 1
+            recent = f"{ep[i - 1].expert_action} {s.observation}" if i else s.observation
+            for order, pr in (("random", None), ("relevance", relevance(s.goal, recent))):
+                cut = bounded_admissible(s.admissible, k, random.Random(stable_seed(seed, eid, s.step)), priority=pr)
+                hits[order] += s.expert_action in cut
+    return {"states": n, **{order: h / max(1, n) for order, h in hits.items()}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Build (or extend) the replay cache: `python -m fastrank.data.scienceworld_agent --per-task 3`."""
     import argparse
@@ -220,7 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--n-sample", type=int, default=300)
     p.add_argument("--time-budget", type=float, default=None, help="seconds; stop submitting episodes after it")
+    p.add_argument("--coverage", type=int, nargs="*", default=None, metavar="K",
+                   help="instead: replay with every valid action kept and print how often the gold action survives a "
+                        "K-action cut, random vs relevance order (e.g. --per-task 1 --coverage 64 128)")
     args = p.parse_args(argv)
+    if args.coverage is not None:
+        cache = args.cache.replace(".cache.jsonl", ".full.cache.jsonl")  # other lists: not the training cache
+        res = replay_steps(train_pairs(args.per_task), cache, workers=args.workers, n_sample=100_000,  # all (~1,700)
+                           time_budget_s=args.time_budget)
+        for k in args.coverage or [64]:
+            print(json.dumps({"k": k, **candidate_coverage(res.steps, k)}))
+        return 0
     pairs = train_pairs(args.per_task)
     res = replay_steps(pairs, args.cache, workers=args.workers, n_sample=args.n_sample,
                        time_budget_s=args.time_budget)

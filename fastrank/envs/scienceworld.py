@@ -119,7 +119,9 @@ class ScienceWorldEnv:
     step_limit: `done` once the game has taken more moves. max_admissible: the cap of
     `EnvState.admissible` (`bounded_admissible` with `admissible_strategy`, seeded by
     (seed, task, variation, step)); None = the full deduplicated valid list; 0 = no list at all
-    (skips the ~0.1-0.5 s the simulator spends building it). generate_gold_path: load tasks with
+    (skips the ~0.1-0.5 s the simulator spends building it). admissible_priority: `(goal, recent) -> (action ->
+    number)`, e.g. `fastrank.data.features.relevance`: each verb's slots go to its highest-priority actions
+    (`bounded_admissible`; recent = the last action and what it returned). generate_gold_path: load tasks with
     their gold action sequence (`gold_actions`, `info["gold_path"]`; load takes ~1-3 s more)."""
 
     def __init__(
@@ -130,6 +132,7 @@ class ScienceWorldEnv:
         generate_gold_path: bool = False,
         simplifications: str = "",
         admissible_strategy: str = "stratified",
+        admissible_priority=None,
     ) -> None:
         from scienceworld import ScienceWorldEnv as _SW  # lazy: the JVM starts here
 
@@ -139,6 +142,8 @@ class ScienceWorldEnv:
         self.generate_gold_path = generate_gold_path
         self.simplifications = simplifications
         self.admissible_strategy = admissible_strategy
+        self.admissible_priority = admissible_priority
+        self._last_action = ""
         self._env = _SW("", envStepLimit=step_limit)
         self._server = self._env.server
         self.task: str | None = None
@@ -162,6 +167,7 @@ class ScienceWorldEnv:
         # No server.reset() here: it is a second load() (gold path included) of what was just loaded.
         self._score = 0
         self._n_steps = 0
+        self._last_action = ""
         obs = self._server.step("look around")  # what the simulator's own reset() does
         self.goal = str(self._server.getTaskDescription())
         self._score = self._read_score()
@@ -172,6 +178,7 @@ class ScienceWorldEnv:
             raise RuntimeError("reset() first")
         obs = self._server.step(action)
         self._n_steps += 1
+        self._last_action = action
         score = self._read_score()
         raw_reward = score - self._score
         self._score = score
@@ -331,7 +338,10 @@ class ScienceWorldEnv:
                 admissible = sorted(valid)
             else:
                 rng = random.Random(stable_seed(self.seed, self.task, self.variation, self._n_steps))
-                admissible = bounded_admissible(valid, self.max_admissible, rng, strategy=self.admissible_strategy)
+                pr = (self.admissible_priority(self.goal, f"{self._last_action} {obs}")
+                      if self.admissible_priority is not None else None)
+                admissible = bounded_admissible(valid, self.max_admissible, rng, strategy=self.admissible_strategy,
+                                                priority=pr)
         info = {
             "score": self._score, "raw_reward": raw_reward, "moves": self.moves(), "n_valid": n_valid,
             "task": self.task, "variation": self.variation, "look": self.look(),

@@ -10,7 +10,7 @@ import hashlib
 import random
 import re
 from collections import defaultdict
-from typing import Iterable
+from typing import Callable, Iterable
 
 # ------------------------------------------------------------------------ admissible-list policy
 
@@ -48,6 +48,7 @@ def bounded_admissible(
     rng: random.Random | int | None = 0,
     must_include: Iterable[str] = (),
     strategy: str = "stratified",
+    priority: Callable[[str], float] | None = None,
 ) -> list[str]:
     """A deduplicated, capped sample of a valid-action list.
 
@@ -57,6 +58,9 @@ def bounded_admissible(
     - "stratified" (default): group by verb (`action_verb`), shuffle each group and the group order
       with `rng`, then take one action per group in turn. The raw list is ~70 % `connect`/`pour`/
       `move` combinations; this keeps rare but meaningful verbs (go, open, focus on, look at, ...).
+      With `priority` (action -> number, higher first; e.g. how many goal words it names) each group is
+      ordered by it and the groups by their best action, `rng` breaking ties: the same breadth over verbs,
+      but a verb's slots go to its most relevant actions instead of random ones.
     - "uniform": a plain `rng.sample`.
     The result is sorted alphabetically, so an action's position carries no information about
     whether it was forced in. Deterministic given the rng seed. Raises if must_include exceeds k.
@@ -82,6 +86,11 @@ def bounded_admissible(
         r.shuffle(keys)
         for key in keys:
             r.shuffle(groups[key])
+        if priority is not None:  # stable sorts: the shuffles above break the ties
+            pr = {a: priority(a) for a in rest}
+            for key in keys:
+                groups[key].sort(key=lambda a: -pr[a])
+            keys.sort(key=lambda key: -pr[groups[key][0]])
         chosen, depth = [], 0
         while len(chosen) < budget:
             for key in keys:
