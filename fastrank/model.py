@@ -85,9 +85,7 @@ from fastrank.data.features import Featurizer  # noqa: E402
 from fastrank.packing import (  # noqa: E402
     EncodedSet, PackedBatch, PackedCollator, PaddedCollator, encode_sets, tokenize_pairs,
 )
-from fastrank.prefix import (  # noqa: E402
-    PrefixAttentionSpec, PrefixCollator, encode_prefix_sets, prefix_attention, prefix_attention_mask,
-    prefix_attention_spec)
+from fastrank.prefix import PrefixCollator, encode_prefix_sets, prefix_attention_mask  # noqa: E402
 
 MAX_ACTION_TOKENS = 32  # shared-prefix layout: an action (+ features) longer than this is cut
 
@@ -134,8 +132,6 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if spec is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if isinstance(spec, PrefixAttentionSpec):  # a shared-prefix batch (fastrank.prefix)
-        return prefix_attention(query, key, value, spec, dropout=dropout, scaling=scaling), None
     gather, key_mask, scatter = spec
     b, h, t, d = query.shape
 
@@ -327,14 +323,11 @@ class Reranker(nn.Module):
         tt = batch.token_type_ids if self._uses_token_types else None
         if batch.prefix:  # fastrank.prefix: state once per row, candidates read it
             kw = {"token_type_ids": tt} if tt is not None else {}
-            pos = batch.position_ids + self.position_offset
-            if self.encoder.config._attn_implementation == VARLEN:  # no (R, T, T) mask: see prefix_attention
-                return self.encoder(input_ids=ids, position_ids=pos, fastrank_varlen=prefix_attention_spec(batch),
-                                    **kw).last_hidden_state
             mask = prefix_attention_mask(seg)
             if self.encoder.config._attn_implementation == "eager":
                 mask = torch.zeros(mask.shape, device=ids.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
-            return self.encoder(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, **kw).last_hidden_state
+            return self.encoder(input_ids=ids, attention_mask=mask[:, None], position_ids=batch.position_ids +
+                                self.position_offset, **kw).last_hidden_state
         if self.varlen_backend is not None:  # packed and padded batches alike: one sequence per candidate
             from fastrank import deberta_varlen
             return deberta_varlen.encode(self.encoder, batch, tt, self.varlen_backend)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from fastrank.data.record import CandidateSet
 from fastrank.packing import ENV_IDS, PackedBatch
@@ -133,62 +132,3 @@ def prefix_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """
     q, k = segment_ids[:, :, None], segment_ids[:, None, :]
     return (k == 1) | ((q == k) & (k > 1))
-
-
-@dataclass
-class PrefixAttentionSpec:
-    """Index tensors for `prefix_attention`, built once per batch (`prefix_attention_spec`)."""
-
-    state_len: int             # S: the longest state of the batch (states sit at positions 0..len-1 of their row)
-    state_mask: torch.Tensor   # (R, 1, 1, S) bool: real state keys of each row
-    gather: torch.Tensor       # (N, Lc) flat packed positions of candidate n's tokens (padding repeats its first)
-    cand_row: torch.Tensor     # (N,) the row (set) of each candidate
-    cand_mask: torch.Tensor    # (N, 1, 1, S + Lc) bool: its row's state keys, then its own real tokens
-    scatter: torch.Tensor      # (R * T,) packed position -> slot of cat(state outputs, candidate outputs, a zero)
-
-
-def prefix_attention_spec(batch: PackedBatch) -> PrefixAttentionSpec:
-    seg = batch.segment_ids
-    r, t = seg.shape
-    dev = seg.device
-    n_state = (seg == 1).sum(1)
-    s = int(n_state.max()) if r else 0
-    state_valid = torch.arange(s, device=dev)[None, :] < n_state[:, None]  # (R, S)
-    lens, start = batch.seq_lens, batch.cls_index
-    n, lc = lens.numel(), batch.max_seq_len
-    ar = torch.arange(lc, device=dev)
-    valid = ar[None, :] < lens[:, None]  # (N, Lc)
-    gather = torch.where(valid, start[:, None] + ar[None, :], start[:, None])
-    cand_row = torch.div(start, t, rounding_mode="floor")
-    scatter = torch.full((r * t,), r * s + n * lc, dtype=torch.long, device=dev)  # padding reads the zero slot
-    rows, cols = state_valid.nonzero(as_tuple=True)
-    scatter[rows * t + cols] = rows * s + cols
-    src = valid.flatten().nonzero().squeeze(1)
-    scatter[gather.flatten().index_select(0, src)] = r * s + src
-    cand_mask = torch.cat([state_valid.index_select(0, cand_row), valid], 1)[:, None, None, :]
-    return PrefixAttentionSpec(s, state_valid[:, None, None, :], gather, cand_row, cand_mask, scatter)
-
-
-def prefix_attention(query, key, value, spec: PrefixAttentionSpec, dropout: float = 0.0, scaling=None):
-    """The shared-prefix mask without the (R, T, T) mask: the states attend among themselves, then every
-    candidate's queries attend to [its row's state keys ; its own keys]. Same result as dense attention under
-    `prefix_attention_mask`, at S^2 + N * Lc * (S + Lc) instead of T^2 scores per row (T = S + N * Lc): an
-    ALFWorld decision (S ~190, 30 candidates of ~12 tokens) computes ~3x fewer, and no T x T mask is built.
-    (B, H, T, D) in and (B, T, H, D) out, as a transformers attention function returns."""
-    b, h, t, d = query.shape
-    s, (n, lc) = spec.state_len, spec.gather.shape
-    ks, vs = key[:, :, :s], value[:, :, :s]
-    out_s = F.scaled_dot_product_attention(query[:, :, :s], ks, vs, attn_mask=spec.state_mask, dropout_p=dropout,
-                                           scale=scaling)
-    flat = spec.gather.reshape(-1)
-
-    def per_candidate(x):  # (B, H, T, D) -> (N, H, Lc, D)
-        return x.transpose(1, 2).reshape(b * t, h, d).index_select(0, flat).view(n, lc, h, d).transpose(1, 2)
-
-    kc = torch.cat([ks.index_select(0, spec.cand_row), per_candidate(key)], 2)
-    vc = torch.cat([vs.index_select(0, spec.cand_row), per_candidate(value)], 2)
-    out_c = F.scaled_dot_product_attention(per_candidate(query), kc, vc, attn_mask=spec.cand_mask, dropout_p=dropout,
-                                           scale=scaling)
-    slots = torch.cat([out_s.transpose(1, 2).reshape(b * s, h, d), out_c.transpose(1, 2).reshape(n * lc, h, d),
-                       out_s.new_zeros(1, h, d)])
-    return slots.index_select(0, spec.scatter).view(b, t, h, d)

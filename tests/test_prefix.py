@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, BertConfig
 from fastrank.data.features import Featurizer
 from fastrank.data.record import CandidateSet
 from fastrank.model import PRESETS, Reranker
-from fastrank.prefix import prefix_attention, prefix_attention_mask, prefix_attention_spec
+from fastrank.prefix import prefix_attention_mask
 
 
 @pytest.fixture(scope="module")
@@ -99,29 +99,6 @@ def test_batch_layout_and_gradients(models):
     assert all(p.grad is not None for n, p in m.named_parameters() if p.requires_grad and "pooler" not in n)
     m.zero_grad()
     m.eval()
-
-
-def test_structured_attention_equals_dense_masked_attention_forward_and_backward(models):
-    """prefix_attention (no T x T mask) against SDPA under prefix_attention_mask, on a batch with rows of
-    different widths (row padding), a one-candidate set, and rows whose states differ in length."""
-    m = models["sdpa"]
-    sets = [CandidateSet(env="alfworld", episode_id=f"e{i}", step=0, task_type="t", goal="g" * (1 + 40 * i),
-                         observation="o", candidates=c, expert_index=0, sources=["expert"] * len(c), history=HIST)
-            for i, c in enumerate([CANDS, CANDS[:1], ["x"], ["a much longer candidate action than the others"]])]
-    batch = m.collator()(m.encode_sets(sets))
-    torch.manual_seed(1)
-    r, t = batch.input_ids.shape
-    q, k, v = (torch.randn(r, 3, t, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    got = prefix_attention(q, k, v, prefix_attention_spec(batch))  # (R, T, H, D)
-    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=prefix_attention_mask(
-        batch.segment_ids)[:, None]).transpose(1, 2)
-    real = batch.segment_ids > 0  # padding tokens' outputs are never read
-    torch.testing.assert_close(got[real], dense[real])
-    w = torch.randn_like(got) * real[:, :, None, None]
-    g1 = torch.autograd.grad((got * w).sum(), (q, k, v))
-    g2 = torch.autograd.grad((dense * w).sum(), (q, k, v))
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b)
 
 
 def test_shared_prefix_rejects_relative_position_encoders():
