@@ -13,6 +13,7 @@ class AgentConfig:
     layout: str = "shared_prefix"  # shared_prefix (fast; BERT-family) | pairs (the paper's cross-encoder)
     max_length: int = 256  # state tokens (the history is cut first, oldest first)
     max_action_tokens: int = 32  # shared-prefix layout: tokens per candidate (action + its note), cut beyond
+    attention_dropout: float | None = None  # null: the encoder's own (MiniLM 0.1); 0 trains faster on CPU
     # games
     games_dir: str | None = None  # ALFWorld json_2.1.1 tarball or unpacked dir; None: ../shared/data
     train_split: str = "train"  # ALFWorld split the rollout and eval games come from

@@ -287,6 +287,23 @@ class Reranker(nn.Module):
         encoder = AutoModel.from_config(config, **({"attn_implementation": attn} if attn else {}))
         return cls(encoder, tokenizer, **kw)
 
+    def set_attention_dropout(self, p: float) -> int:
+        """Dropout on the attention probabilities of every layer (the encoder config's
+        `attention_probs_dropout_prob` at load); returns how many attention modules took it. On CPU, training
+        with p > 0 sends SDPA to its math path and draws a Bernoulli mask over every (query, key) score: 0 keeps
+        the fused kernel (bench/bench_train_step.py measures the difference)."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"attention dropout must be in [0, 1), got {p}")
+        mods = [m for name, m in self.encoder.named_modules()
+                if name.endswith("attention.self") and isinstance(getattr(m, "dropout", None), nn.Dropout)]
+        if not mods:
+            raise ValueError(f"no BERT/DeBERTa-style `attention.self` dropout in this "
+                             f"{self.encoder.config.model_type} encoder: attention_dropout cannot be set")
+        for m in mods:
+            m.dropout.p = p
+        self.encoder.config.attention_probs_dropout_prob = p
+        return len(mods)
+
     # ---------------------------------------------------------------------------------------- forward
     @property
     def device(self) -> torch.device:

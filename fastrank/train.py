@@ -229,6 +229,8 @@ def train(cfg: TrainConfig) -> dict:
         model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
             cfg.model, featurizer=Featurizer(cfg.feature_mode), max_length=cfg.max_length, layout=cfg.layout,
             max_action_tokens=cfg.max_action_tokens)
+    if cfg.attention_dropout is not None:
+        model.set_attention_dropout(cfg.attention_dropout)
     model.train()
     train_sets, evals = load_training_data(cfg)
     if not train_sets and cfg.epochs > 0:

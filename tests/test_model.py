@@ -191,3 +191,34 @@ def test_encoder_without_packed_path_falls_back_to_padding(minilm):
         model(PackedCollator()(enc))
     r = model.rank(GOAL, OBS, CANDS)
     assert sorted(r.order) == list(range(9))
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta-v3"])
+def test_attention_dropout_reaches_every_layer(family, spm_tokenizer_dir):
+    """set_attention_dropout: with hidden dropout off, a train-mode forward is random only through attention
+    dropout, so p = 0 makes it equal the eval-mode scores, and p = 0.5 does not."""
+    from transformers import AutoTokenizer, BertConfig
+
+    from fastrank.model import PRESETS
+
+    if family == "bert":
+        tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
+        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.1)
+    else:
+        tok = AutoTokenizer.from_pretrained(spm_tokenizer_dir)
+        cfg = _tiny("deberta-v3", tok)
+        cfg.hidden_dropout_prob, cfg.num_hidden_layers = 0.0, 3
+    torch.manual_seed(0)
+    model = Reranker.from_config(cfg, tok, featurizer=Featurizer("state_action"), max_length=64)
+    batch = model.collator()(model.encode_sets(hand_sets()[:2]))
+    with torch.no_grad():
+        ref = model.eval()(batch)
+        assert model.set_attention_dropout(0.5) == 3
+        model.train()
+        assert not torch.allclose(model(batch), ref)
+        assert model.set_attention_dropout(0.0) == 3
+        torch.testing.assert_close(model(batch), ref, rtol=1e-5, atol=1e-6)
+    assert model.encoder.config.attention_probs_dropout_prob == 0.0
+    with pytest.raises(ValueError, match="must be in"):
+        model.set_attention_dropout(1.0)
