@@ -67,7 +67,12 @@ def focus_guard(goal: str, actions: list[str]) -> list[str]:
 def _alfworld_tasks(args: argparse.Namespace):
     from fastrank.envs.alfworld import AlfworldEnv, ensure_games, list_games
 
-    games = list_games(ensure_games(args.games_dir), args.split)
+    root = ensure_games(args.games_dir)
+    games = list_games(root, args.split)
+    if not games:  # e.g. valid_unseen, which the shared tarball does not hold: say so, never report 0 episodes
+        here = sorted(d.name for d in Path(root).iterdir() if d.is_dir())
+        raise FileNotFoundError(f"{root}: no ALFWorld games of split {args.split!r} (splits here: {here}); "
+                                f"--games-dir takes an unpacked json_2.1.1 folder or tarball that holds it")
     return AlfworldEnv, [g.game_file for g in spread_over_types(games, args.games)], None
 
 
@@ -151,8 +156,8 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
         args.games_dir = shared_data_dir() / "alfworld" / "json_2.1.1_games.tar.xz"
     if args.avoid_repeats is None:
         args.avoid_repeats = args.env == "alfworld"
+    make_env, tasks, candidates = TASKS[args.env](args)  # before the model: a wrong split or path fails fast
     ranker = Reranker.from_pretrained(args.checkpoint)
-    make_env, tasks, candidates = TASKS[args.env](args)
     batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
     out = Path(args.out or Path(args.checkpoint) / f"agent_eval_{args.env}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -186,3 +186,14 @@ def test_repeats_are_avoided_by_default_in_alfworld_only(monkeypatch, tmp_path, 
     monkeypatch.setattr(ae, "summarize", lambda episodes: {})
     assert ae.agent_eval_from_args(args) == 0
     assert seen["avoid"] is expected
+
+
+def test_a_split_with_no_games_is_an_error_naming_the_splits_there(tmp_path, capsys):
+    pytest.importorskip("alfworld")
+    from fastrank.cli import main
+
+    (tmp_path / "json_2.1.1" / "valid_seen").mkdir(parents=True)
+    rc = main(["agent-eval", "--env", "alfworld", "--split", "valid_unseen", "--checkpoint", str(tmp_path),
+               "--games-dir", str(tmp_path / "json_2.1.1")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no ALFWorld games of split 'valid_unseen'" in err and "['valid_seen']" in err
