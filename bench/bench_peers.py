@@ -203,7 +203,8 @@ def fastrank_steps(cfg, train_sets, model_dir) -> int:
 
 def prefix_budget(cfg, train_sets, model_dir, steps: int) -> int:
     """The smallest token budget that packs the shared-prefix encodings of `train_sets` into `steps` batches: the
-    same optimizer steps over (about) the same number of sets per step as the pairs layout, ~4x fewer tokens."""
+    same optimizer steps over (about) the same number of sets per step as the pairs layout (joint3 data: 2,791
+    tokens a step against 6,144)."""
     from transformers import AutoTokenizer
 
     from fastrank.data.features import Featurizer

@@ -84,7 +84,7 @@ def _scienceworld_tasks(args: argparse.Namespace):
     split = args.split if args.split != "valid_seen" else "test"
     pairs = select_pairs(split=split, per_task=1, seed=args.seed)[: args.tasks]
     guard = None if args.no_focus_guard else (lambda s: focus_guard(s.goal, list(s.admissible)))
-    order = relevance if getattr(args, "candidate_order", "relevance") == "relevance" else None
+    order = relevance if args.candidate_order == "relevance" else None
     return (lambda: ScienceWorldEnv(max_admissible=args.max_candidates, step_limit=args.max_steps,
                                     admissible_priority=order)), pairs, guard
 

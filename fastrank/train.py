@@ -221,6 +221,9 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
+    if cfg.layout != "pairs" and (cfg.routing or cfg.packing != "packed"):
+        raise ValueError(f"layout={cfg.layout!r} has its own batches: it takes neither routing nor packing=padded")
+
     if cfg.routing:  # environment-aware LoRA routing (fastrank/routing/)
         from fastrank.routing.model import build_model  # the submodule: fastrank.routing's __init__ imports this one
 
@@ -243,8 +246,6 @@ def train(cfg: TrainConfig) -> dict:
                          f"grad_projection split the pairwise loss per environment (use loss=pairwise)")
     if cfg.packing not in ("packed", "padded"):
         raise ValueError(f"packing must be 'packed' or 'padded', got {cfg.packing!r}")
-    if cfg.layout != "pairs" and (cfg.routing or cfg.packing != "packed"):
-        raise ValueError(f"layout={cfg.layout!r} has its own batches: it takes neither routing nor packing=padded")
     collate = model.collator(packed=cfg.packing == "packed")
     sampler = TokenBudgetBatchSampler([e.n_tokens for e in encoded], cfg.max_tokens, shuffle=True,
                                       seed=cfg.seed, num_replicas=accelerator.num_processes,

@@ -111,7 +111,8 @@ def main(cfg: AgentConfig) -> dict:
     if cfg.final_eval_games and accelerator.is_main_process:
         # exactly what `fastrank agent-eval --env scienceworld` builds: tasks, bounded envs, focus guard
         args = argparse.Namespace(split=cfg.final_eval_split, tasks=cfg.final_eval_games, seed=0,
-                                  max_candidates=cfg.max_candidates, max_steps=cfg.max_steps, no_focus_guard=False)
+                                  max_candidates=cfg.max_candidates, max_steps=cfg.max_steps, no_focus_guard=False,
+                                  candidate_order="relevance")
         make_env, tasks, guard = _scienceworld_tasks(args)
         batch = min(cfg.batch_size, 2)  # one JVM per game in flight, as the CLI caps it
         res = evaluate_agent(model, "scienceworld", make_env, tasks, max_steps=cfg.max_steps, batch_size=batch,

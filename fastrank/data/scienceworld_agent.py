@@ -156,6 +156,12 @@ def episodes_of(steps: Iterable[Step]) -> dict[str, list[Step]]:
     return out
 
 
+def _recent(ep: list[Step], i: int) -> str:
+    """What the evaluation env's candidate cut reads besides the goal at step i: the last action and its feedback
+    (`ScienceWorldEnv(admissible_priority=...)`)."""
+    return f"{ep[i - 1].expert_action} {ep[i].observation}" if i else ep[i].observation
+
+
 def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focus: int = 4,
                max_sets_per_episode: int | None = None, seed: int = 0) -> tuple[list[CandidateSet], SetStats]:
     """One history-carrying CandidateSet per labelable gold step (see the module doc), and counts."""
@@ -185,9 +191,8 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
             rest = [a for a in others if not a.startswith(FOCUS)]  # the wrong-focus cap holds
             # the evaluation env's cut (`--candidate-order relevance`): negatives that name the goal's words, as
             # the policy will meet them
-            recent = f"{ep[i - 1].expert_action} {s.observation}" if i else s.observation
             negs = wrong + bounded_admissible(rest, min(len(rest), max_negatives - len(wrong)), rng,
-                                              priority=relevance(s.goal, recent))
+                                              priority=relevance(s.goal, _recent(ep, i)))
             cands = [s.expert_action] + negs
             order = list(range(len(cands)))
             rng.shuffle(order)  # the label's position carries nothing
@@ -224,8 +229,7 @@ def candidate_coverage(steps: Iterable[Step], k: int, seed: int = 0) -> dict[str
             if not _labelable(s):
                 continue
             n += 1
-            recent = f"{ep[i - 1].expert_action} {s.observation}" if i else s.observation
-            for order, pr in (("random", None), ("relevance", relevance(s.goal, recent))):
+            for order, pr in (("random", None), ("relevance", relevance(s.goal, _recent(ep, i)))):
                 cut = bounded_admissible(s.admissible, k, random.Random(stable_seed(seed, eid, s.step)), priority=pr)
                 hits[order] += s.expert_action in cut
     return {"states": n, **{order: h / max(1, n) for order, h in hits.items()}}
