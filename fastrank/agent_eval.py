@@ -4,6 +4,7 @@
     fastrank agent-eval --env alfworld --split valid_unseen --games-dir DIR --checkpoint ...
     fastrank agent-eval --env scienceworld --tasks 10 --checkpoint runs/agent_alfworld/model
     fastrank agent-eval --env webshop --goals 100 --max-steps 15 --checkpoint runs/joint3/model
+    OMP_NUM_THREADS=2 fastrank agent-eval --env alfworld --workers 2 --checkpoint ...     # 2 processes x 1 thread
 
 Several games run in lockstep and their current states are scored in one batch (`fastrank.rollout`).
 Reports success rate, mean score, steps, repeated-action rate and decisions/s, overall and per task
@@ -129,15 +130,19 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
     rep.add_argument("--allow-repeats", dest="avoid_repeats", action="store_false",
                      help="always take the top-scored action (the default for ScienceWorld and WebShop)")
     p.add_argument("--out", default=None, help="episode log JSONL (default: <checkpoint>/agent_eval_<env>.jsonl)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes, each playing every N-th game with its own copy of the model and the torch "
+                        "threads split between them (default 1). On a CPU the games' environments and the model "
+                        "then run in parallel: 2 workers x 1 thread beat 1 x 2 threads on a 2-core machine")
 
 
 def evaluate_agent(ranker, env: str, make_env, tasks: list, *, max_steps: int = 50, batch_size: int = 8,
                    candidates=None, avoid_repeats: bool = False, seed: int = 0, desc: str | None = None,
-                   on_episode=None) -> dict:
+                   on_episode=None, position: int | None = None) -> dict:
     """Play `tasks` with `ranker`; {"summary": ..., "episodes": [...]} (the DAgger recipe calls this too).
     `on_episode(episode)`: called as each episode ends (the CLI logs it at once)."""
     t0 = time.perf_counter()
-    with tqdm(total=len(tasks), desc=desc or f"agent-eval {env}") as bar:
+    with tqdm(total=len(tasks), desc=desc or f"agent-eval {env}", position=position) as bar:
         ro = run_episodes(make_env, tasks, ranker, max_steps=max_steps, batch_size=batch_size,
                           candidates=candidates, avoid_repeats=avoid_repeats, seed=seed, progress=bar,
                           on_episode=on_episode)
@@ -147,33 +152,74 @@ def evaluate_agent(ranker, env: str, make_env, tasks: list, *, max_steps: int = 
     return {"summary": summary, "episodes": ro.episodes}
 
 
-def agent_eval_from_args(args: argparse.Namespace) -> int:
+def _play(args: argparse.Namespace, shard: int, workers: int, threads: int | None, log_path: Path) -> tuple:
+    """Every `workers`-th task from `shard` on, played by a freshly loaded model; (task indices, result).
+    Runs in the CLI process (one worker) or in a spawned worker process (several)."""
+    import torch
+
     from fastrank.model import Reranker
 
+    if threads:
+        torch.set_num_threads(threads)
+    make_env, tasks, candidates = TASKS[args.env](args)
+    idx = list(range(shard, len(tasks), workers))
+    ranker = Reranker.from_pretrained(args.checkpoint)
+    batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
+    with open(log_path, "w", encoding="utf-8") as log:  # each episode as it ends: a stopped run keeps them
+        def on_episode(ep: dict) -> None:
+            log.write(json.dumps(ep) + "\n")
+            log.flush()
+
+        res = evaluate_agent(ranker, args.env, make_env, [tasks[i] for i in idx], max_steps=args.max_steps,
+                             batch_size=batch, candidates=candidates, avoid_repeats=args.avoid_repeats,
+                             seed=args.seed + shard, on_episode=on_episode, position=shard if workers > 1 else None,
+                             desc=f"agent-eval {args.env}" + (f" [worker {shard}]" if workers > 1 else ""))
+    return idx, res
+
+
+def agent_eval_from_args(args: argparse.Namespace) -> int:
     if args.env == "alfworld" and args.games_dir is None:
         from fastrank.paths import shared_data_dir
 
         args.games_dir = shared_data_dir() / "alfworld" / "json_2.1.1_games.tar.xz"
     if args.avoid_repeats is None:
         args.avoid_repeats = args.env == "alfworld"
-    make_env, tasks, candidates = TASKS[args.env](args)  # before the model: a wrong split or path fails fast
-    ranker = Reranker.from_pretrained(args.checkpoint)
-    batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
+    n_workers = getattr(args, "workers", 1)  # callers building the Namespace by hand may leave it out
+    if n_workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {n_workers}")
+    _, tasks, _ = TASKS[args.env](args)  # before any model loads: a wrong split or path fails fast
+    workers = min(n_workers, len(tasks)) or 1
     out = Path(args.out or Path(args.checkpoint) / f"agent_eval_{args.env}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".partial.jsonl")  # each episode as it ends: a stopped run keeps what it played
-    with open(partial, "w", encoding="utf-8") as log:
-        def on_episode(ep: dict) -> None:
-            log.write(json.dumps(ep) + "\n")
-            log.flush()
+    logs = [out.with_suffix(".partial.jsonl" if workers == 1 else f".partial.w{k}.jsonl") for k in range(workers)]
+    t0 = time.perf_counter()
+    if workers == 1:
+        parts = [_play(args, 0, 1, None, logs[0])]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-        res = evaluate_agent(ranker, args.env, make_env, tasks, max_steps=args.max_steps, batch_size=batch,
-                             candidates=candidates, avoid_repeats=args.avoid_repeats, seed=args.seed,
-                             on_episode=on_episode)
-    write_episodes(out, res["episodes"])  # the finished log, in task order
-    partial.unlink()
-    summary = {**res["summary"], "checkpoint": str(args.checkpoint), "split": args.split,
-               "avoid_repeats": args.avoid_repeats, "log": str(out)}
+        import torch
+
+        threads = max(1, torch.get_num_threads() // workers)
+        # spawn: a forked copy of a process that already started torch's thread pools can deadlock
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            parts = list(pool.map(_play, *zip(*[(args, k, workers, threads, logs[k]) for k in range(workers)])))
+    episodes: list = [None] * len(tasks)
+    for idx, res in parts:
+        for i, ep in zip(idx, res["episodes"]):
+            episodes[i] = ep
+    decisions = sum(r["summary"]["decisions"] for _, r in parts)
+    model_s = sum(r["summary"]["model_seconds"] for _, r in parts)
+    write_episodes(out, episodes)  # the finished log, in task order
+    for log in logs:
+        log.unlink()
+    # decisions/s is per worker (the ranker's own speed at its share of the threads), as with one process
+    summary = {"env": args.env, **summarize(episodes), "wall_seconds": round(time.perf_counter() - t0, 1),
+               "decisions": decisions, "model_seconds": round(model_s, 1),
+               "decisions_per_s": round(decisions / model_s, 2) if model_s else 0.0, "workers": workers,
+               "checkpoint": str(args.checkpoint), "split": args.split, "avoid_repeats": args.avoid_repeats,
+               "log": str(out)}
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     return 0

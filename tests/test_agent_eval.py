@@ -114,7 +114,7 @@ def test_agent_eval_cli_plays_real_games(tmp_path, capsys):
                "--games-dir", str(TARBALL), "--out", str(out)])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["episodes"] == 2 and 0.0 <= summary["success_rate"] <= 1.0
+    assert summary["episodes"] == 2 and 0.0 <= summary["success_rate"] <= 1.0 and summary["workers"] == 1
     assert summary["log"] == str(out) and len(summary["per_task_type"]) == 2
     episodes = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(episodes) == 2
@@ -126,6 +126,36 @@ def test_agent_eval_cli_plays_real_games(tmp_path, capsys):
             # the action taken is the best-scored admissible action, runners-up logged in order
             assert s["top"][0] == [s["action"], s["score"]]
             assert [x[1] for x in s["top"]] == sorted((x[1] for x in s["top"]), reverse=True)
+
+
+@pytest.mark.slow  # two spawned processes each import torch and load ALFWorld (~1 min)
+def test_agent_eval_workers_play_the_same_episodes_as_one_process(tmp_path, capsys):
+    """--workers 2 splits the games between two processes; the merged log is the one-process log, in task
+    order, and no partial log is left behind."""
+    if not TARBALL.exists():
+        pytest.skip(f"shared data not here: {TARBALL}")
+    pytest.importorskip("alfworld")
+    from transformers import AutoTokenizer, BertConfig
+
+    from fastrank.cli import main
+
+    tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=160)
+    ckpt = Reranker.from_config(cfg, tok, max_length=96).save_pretrained(tmp_path / "ranker")
+    logs = {}
+    for w in (1, 2):
+        out = tmp_path / f"w{w}.jsonl"
+        assert main(["agent-eval", "--env", "alfworld", "--games", "3", "--max-steps", "4", "--checkpoint",
+                     str(ckpt), "--games-dir", str(TARBALL), "--out", str(out), "--workers", str(w)]) == 0
+        capsys.readouterr()
+        logs[w] = [json.loads(x) for x in out.read_text().splitlines()]
+        assert not list(tmp_path.glob(f"w{w}.partial*"))
+    assert [e["task"] for e in logs[2]] == [e["task"] for e in logs[1]] and len(logs[1]) == 3
+    assert [[s["action"] for s in e["trajectory"]] for e in logs[2]] == \
+        [[s["action"] for s in e["trajectory"]] for e in logs[1]]
+    assert json.loads((tmp_path / "w2.summary.json").read_text())["workers"] == 2
 
 
 def test_agent_eval_logs_each_episode_as_it_ends_so_a_stopped_run_keeps_them(tmp_path, monkeypatch):

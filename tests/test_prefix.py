@@ -74,6 +74,12 @@ def test_score_many_batches_sets_of_different_sizes(models):
     assert [len(s) for s in many] == [5, 0, 2]
     torch.testing.assert_close(many[0], m.score("g1", "o1", CANDS, history=HIST), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(many[2], m.score("g3", "o3", CANDS[:2], history=[]), rtol=1e-5, atol=1e-6)
+    # on a CPU score_many runs one set per forward; the padded rows of one batch (training, GPUs) agree
+    sets = [CandidateSet(env="alfworld", episode_id="e", step=0, task_type="t", goal=g, observation=o,
+                         candidates=list(c), expert_index=0, sources=[], history=h) for g, o, c, h in states if c]
+    with torch.no_grad():
+        padded = m(m.collator()(m.encode_sets(sets)))
+    torch.testing.assert_close(torch.cat([many[0], many[2]]), padded, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_layout_and_gradients(models):
