@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from fastrank.data.page_context import listing_text, page_listing, verbatim_in
+from fastrank.data.page_context import listing_text, off_page, page_listing, verbatim_in
 
 _WORD = re.compile(r"[a-z0-9]+")
 FEATURE_MODES = ("state_action_overlap", "state_action", "history")
@@ -109,6 +109,8 @@ class Featurizer:
             note = mem.annotate(a, there) + (f"; {head}" if head else "") + (f"; goal names: {' '.join(named)}" if named else "")
             if verbatim_in(goal, a):
                 note += "; verbatim in goal"
+            if off_page(observation, a):
+                note += "; not on this page"
             out.append(f"action: {a.strip()} ({note})" + (f" {title}" if title else ""))
         return state, out
 

@@ -53,6 +53,17 @@ def verbatim_in(goal: str, action: str) -> bool:
     return bool(arg) and re.search(rf"(?<![\w-]){re.escape(arg)}(?![\w-])", goal.lower()) is not None
 
 
+def off_page(observation: str, action: str) -> bool:
+    """A click on a WebShop page (``[SEP]``-separated) whose argument the page does not show: a button that is
+    not there. The environment rejects it; the paper's `sampled` candidate sets are full of them (other
+    states' actions), and a reranker that was only ever shown a page's own clickables cannot tell them from
+    real buttons, where the lexical floor wins by noticing their words are missing (README, *WebShop*)."""
+    arg = click_arg(action)
+    if arg is None or SEP not in observation:
+        return False
+    return re.search(rf"(?<![\w-]){re.escape(arg.lower())}(?![\w-])", observation.lower()) is None
+
+
 def budget(goal: str) -> float | None:
     """The goal's price limit ("... and price lower than 90.00 dollars"), or None."""
     m = _BUDGET.search(goal)
