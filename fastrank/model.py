@@ -540,7 +540,7 @@ class Reranker(nn.Module):
     @classmethod
     def _init_kwargs(cls, meta: dict, src: Path) -> dict:
         """`from_config` keyword arguments stored in a checkpoint's META_NAME (subclasses add their own)."""
-        return dict(featurizer=Featurizer(**meta["featurizer"]), max_length=meta["max_length"],
+        return dict(featurizer=Featurizer(**{"notes": 1, **meta["featurizer"]}), max_length=meta["max_length"],
                     row_len=meta.get("row_len", 256), aux_heads=meta.get("aux_heads"),
                     packed_attention=meta.get("packed_attention", "varlen"), layout=meta.get("layout", "pairs"),
                     head_pooler=meta.get("head", {}).get("type") == POOLER_HEAD,

@@ -57,6 +57,46 @@ def test_actions_say_which_of_their_words_the_goal_names():
                        "action: go to desk 1 (new; unvisited)"]  # function words and numbers are never "named"
 
 
+def test_undoing_a_take_or_a_put_is_said_beside_the_action():
+    """A BC policy put the goal object straight back where it lay (33 of 39 train states wrong): the note
+    says so. Only the place it came from counts, and only while it is held."""
+    mem = EpisodeMemory.from_turns(TURNS[:5])  # holding apple 1, taken from countertop 2
+    assert mem.undo_note("put apple 1 in/on countertop 2") == "; puts it back where it was taken"
+    assert mem.undo_note("put apple 1 in/on fridge 1") == ""
+    assert mem.undo_note("take bread 1 from countertop 1") == ""
+    mem.add("go to fridge 1", "The fridge 1 is open. In it, you see nothing.")
+    mem.add("put apple 1 in/on fridge 1", "You put the apple 1 in/on the fridge 1.")
+    assert mem.undo_note("take apple 1 from fridge 1") == "; takes back what it put there"
+    assert mem.undo_note("put apple 1 in/on countertop 2") == ""  # no longer held
+    _, acts = Featurizer("history").texts("put a apple in fridge.", "o", ["put apple 1 in/on countertop 2"], TURNS[:5])
+    assert acts == ["action: put apple 1 in/on countertop 2 (new; puts it back where it was taken; goal names: apple)"]
+
+
+def test_notes_version_1_keeps_the_old_text_and_version_2_puts_what_decides_first(tmp_path):
+    """Saved models read the notes they were trained on: v1 (no `notes` key in the checkpoint) keeps the
+    old order, where a 32-token candidate budget cut "goal names: desk" after a long "seen there" list."""
+    import json
+
+    turns = [("go to desk 1", "On the desk 1, you see a book 2, a cd 3, a pencil 1, a pencil 2, and a bowl 1."),
+             ("go to sidetable 1", "On the sidetable 1, you see a alarmclock 1, and a pen 2."),
+             ("take alarmclock 1 from sidetable 1", "You pick up the alarmclock 1 from the sidetable 1.")]
+    cands = ["go to desk 1", "put alarmclock 1 in/on sidetable 1"]
+    v1 = Featurizer("history", notes=1).texts("put a alarmclock in desk.", turns[-1][1], cands, turns)[1]
+    v2 = Featurizer("history").texts("put a alarmclock in desk.", turns[-1][1], cands, turns)[1]
+    assert v1 == ["action: go to desk 1 (taken 1x; seen there: book 2, cd 3, pencil 1, pencil 2, ...; goal names: desk)",
+                  "action: put alarmclock 1 in/on sidetable 1 (new; goal names: alarmclock)"]
+    assert v2 == ["action: go to desk 1 (taken 1x; goal names: desk; seen there: book 2, cd 3, pencil 1, pencil 2, ...)",
+                  "action: put alarmclock 1 in/on sidetable 1 (new; puts it back where it was taken; goal names: alarmclock)"]
+    with pytest.raises(ValueError, match="notes version"):
+        Featurizer("history", notes=9)
+    path = _tiny("shared_prefix").save_pretrained(tmp_path / "v2")
+    assert Reranker.from_pretrained(path).featurizer.notes == 2
+    meta = json.loads((path / "fastrank.json").read_text())
+    del meta["featurizer"]["notes"]  # a checkpoint saved before the field
+    (path / "fastrank.json").write_text(json.dumps(meta))
+    assert Reranker.from_pretrained(path).featurizer == Featurizer("history", notes=1)
+
+
 def test_put_releases_and_failed_actions_do_not_count():
     turns = TURNS[:5] + [("go to fridge 1", "The fridge 1 is closed."),
                          ("put apple 1 in/on fridge 1", "You put the apple 1 in/on the fridge 1."),

@@ -57,7 +57,7 @@ def test_history_featurizer_puts_the_listing_beside_the_id_and_leaves_alfworld_t
                     "action: click[x-large] (new; goal names: x large; verbatim in goal)"]
     # a button the page does not show (the `sampled` mode's distractors) says so; the page's own do not
     _, off = Featurizer("history").texts(sized, "size [SEP] large [SEP] x-large", ["click[xx-large]", "click[buy now]"], [])
-    assert off == ["action: click[xx-large] (new; goal names: large; not on this page)",
+    assert off == ["action: click[xx-large] (new; not on this page; goal names: large)",
                    "action: click[buy now] (new; not on this page)"]
     _, alf = Featurizer("history").texts("put a book on sidetable", "You see a book 3.", ["take book 3 from desk 1"], [])
     assert alf == ["action: take book 3 from desk 1 (new; goal names: book)"]

@@ -24,6 +24,10 @@ from fastrank.data.page_context import listing_text, off_page, page_listing, ver
 
 _WORD = re.compile(r"[a-z0-9]+")
 FEATURE_MODES = ("state_action_overlap", "state_action", "history")
+# The ``history`` mode's candidate notes, versioned so a saved model reads the text it was trained on:
+# 1 = new/taken, places, goal names, listing, verbatim in goal; 2 = + "puts it back where it was taken" /
+# "takes back what it put there" (`EpisodeMemory.undo_note`) and WebShop's "not on this page".
+NOTES_VERSION = 2
 
 
 def words(text: str) -> list[str]:
@@ -77,10 +81,13 @@ class Featurizer:
     """Turns (goal, observation, action) into the encoder's text pair. Saved beside the weights."""
 
     mode: str = "state_action_overlap"
+    notes: int = NOTES_VERSION  # checkpoints saved before the field load as 1 (`Reranker._init_kwargs`)
 
     def __post_init__(self) -> None:
         if self.mode not in FEATURE_MODES:
             raise ValueError(f"unknown feature mode {self.mode!r}; expected one of {FEATURE_MODES}")
+        if not 1 <= self.notes <= NOTES_VERSION:
+            raise ValueError(f"notes version {self.notes} unknown to this fastrank (1..{NOTES_VERSION})")
 
     @property
     def uses_history(self) -> bool:
@@ -106,11 +113,15 @@ class Featurizer:
             named = named_words(goal_words, f"{a} {title}")
             # the objects the goal asks for that were seen at this place (and are still there)
             there = [o for o in mem.seen_items(a) if named_words(goal_words, o)]
-            note = mem.annotate(a, there) + (f"; {head}" if head else "") + (f"; goal names: {' '.join(named)}" if named else "")
-            if verbatim_in(goal, a):
-                note += "; verbatim in goal"
-            if off_page(observation, a):
-                note += "; not on this page"
+            goal_note = f"; goal names: {' '.join(named)}" if named else ""
+            verbatim = "; verbatim in goal" if verbatim_in(goal, a) else ""
+            if self.notes == 1:
+                note = mem.annotate(a, there) + (f"; {head}" if head else "") + goal_note + verbatim
+            else:  # what decides first: a candidate's token budget cuts the note from the end
+                count, items, seen = mem.annotation_parts(a, there)
+                note = "; ".join(p for p in (count + mem.undo_note(a)
+                                             + ("; not on this page" if off_page(observation, a) else ""),
+                                             head, goal_note[2:] + verbatim, items, seen) if p)
             out.append(f"action: {a.strip()} ({note})" + (f" {title}" if title else ""))
         return state, out
 
@@ -130,4 +141,4 @@ class Featurizer:
         return [(state, a) for a in actions]
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode}
+        return {"mode": self.mode, "notes": self.notes}
