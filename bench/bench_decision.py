@@ -10,7 +10,9 @@ as history. Variants, same states, same weights (speed does not depend on traini
                        admissible action, 128 tokens (what `fastrank agent-eval` ran before this layout)
   prefix_history       the agent recipe's model: goal + observation + history (192 tokens) encoded once,
                        every admissible action attending to it (fastrank/prefix.py)
-  prefix_history_x8    the same, 8 games' states scored in one batch (lockstep agent-eval): per decision
+  prefix_history_x8    the same, 8 games' states scored together (lockstep agent-eval's `score_many`: on a CPU
+                       one forward per set, since padded rows cost more than they save): per decision
+  prefix_history_x8_padded  the 8 states as one padded batch (one forward; the path `score_many` takes on a GPU)
 extra_info: p50 / p90 seconds per decision, decisions per second, mean tokens per decision.
 """
 import gzip
@@ -32,7 +34,8 @@ SHARED = Path(os.environ.get("FASTRANK_SHARED_DATA", Path(__file__).resolve().pa
 SRC = SHARED / "alfworld" / "expert_admissible_valid_seen.jsonl.gz"
 VARIANTS = {"pairs_goal_obs": ("pairs", "state_action_overlap", 128, 1),
             "prefix_history": ("shared_prefix", "history", 192, 1),
-            "prefix_history_x8": ("shared_prefix", "history", 192, 8)}
+            "prefix_history_x8": ("shared_prefix", "history", 192, 8),
+            "prefix_history_x8_padded": ("shared_prefix", "history", 192, 8)}
 
 
 def _states() -> list[tuple]:
@@ -68,10 +71,16 @@ def test_decision_latency(benchmark, variant, states):
     groups = [states[i:i + batch] for i in range(0, len(states), batch)]
     times: list[float] = []
 
+    def padded(g):  # one forward over the padded rows of the group's sets
+        with torch.no_grad():
+            model(model.collator()([model._encode_one(*s) for s in g]))
+
+    score = padded if variant.endswith("_padded") else model.score_many
+
     def run():
         for g in groups:
             t = time.perf_counter()
-            model.score_many(g)
+            score(g)
             times.append((time.perf_counter() - t) / len(g))
 
     run()  # warm-up (first calls allocate)
