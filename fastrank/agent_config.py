@@ -33,6 +33,8 @@ class AgentConfig:
     epochs_per_round: float = 1.0  # passes over each round's training sets
     final_fit_epochs: float = 0.0  # > 0: after the rounds, train a fresh model on every aggregated state (DAgger's
     #                                "train on D"); its model is the recipe's output
+    output_round: str = "best"  # without a final fit: "best" = the round that won most fixed train games (then fewer
+    #                             repeats, then the later round), "last" = the last round's model
     lr: float = 1.0e-4  # AdamW learning rate
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes), as in the trainer's build_optimizer
     weight_decay: float = 0.01  # AdamW weight decay (not on biases / norms)

@@ -171,6 +171,12 @@ def fit(model, sets: list[CandidateSet], cfg: AgentConfig, accelerator: Accelera
             "train_top1": round(sum(hits_all[-10:]) / max(1, len(hits_all[-10:])), 3)}
 
 
+def pick_round(rounds: list[dict]) -> int:
+    """The round whose model won most fixed train games, then repeated itself least, then the later one:
+    model selection on train games only (a DAgger round can be worse than the one before: measured, README)."""
+    return max(rounds, key=lambda r: (r["eval"]["success_rate"], -r["eval"]["repeated_action_rate"], r["round"]))["round"]
+
+
 def round_table(rounds: list[dict]) -> list[str]:
     """The per-round markdown table of the report."""
     lines = ["| round | beta | episodes | rollout success | states added | aggregate | expert agreement | "
@@ -222,6 +228,8 @@ def run_dagger(cfg: AgentConfig) -> dict:
     from fastrank.envs.alfworld import AlfworldEnv, ensure_games, list_games
     from fastrank.model import Reranker
 
+    if cfg.output_round not in ("best", "last"):
+        raise ValueError(f"output_round must be 'best' or 'last', not {cfg.output_round!r}")
     if cfg.loss not in ("listwise", "pairwise"):
         raise ValueError(f"loss must be 'listwise' or 'pairwise', not {cfg.loss!r}")
     if len(cfg.episodes) != len(cfg.betas):
@@ -305,6 +313,12 @@ def run_dagger(cfg: AgentConfig) -> dict:
             write_episodes(out / "final_fit_eval_episodes.jsonl", ev.pop("episodes_log"))
         results["final_fit"] = {"train": info, "eval": ev, "minutes": round((time.perf_counter() - t0) / 60, 2)}
         accelerator.print(f"final fit on {len(aggregate)} states: {info}; eval on the fixed train games: {ev}")
+    elif cfg.output_round == "best" and rounds and all(r.get("eval") for r in rounds):
+        best = pick_round(rounds)
+        results["output_round"] = best
+        if best != rounds[-1]["round"]:
+            model = Reranker.from_pretrained(out / "dagger" / f"round_{best}" / "model").to(accelerator.device)
+        accelerator.print(f"output: round {best}'s model (most fixed train games won)")
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
     if cfg.final_eval_games:
@@ -329,6 +343,8 @@ def write_agent_report(results: dict, out: Path) -> Path:
     from fastrank.agent_eval import failed_to_load_lines
 
     lines = ["# Agent recipe: BC + DAgger in ALFWorld", "", *round_table(results["rounds"]), ""]
+    if "output_round" in results:
+        lines += [f"Output model: round {results['output_round']} (most fixed train games won).", ""]
     ff = results.get("final_fit")
     if ff:
         ev = ff["eval"] or {}

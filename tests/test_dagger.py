@@ -139,6 +139,11 @@ def test_recipe_end_to_end_on_real_games(tmp_path):
     assert "episodes_log" not in json.loads((out / "dagger" / "round_1" / "metrics.json").read_text())["eval"]
     meta = json.loads((out / "model" / "fastrank.json").read_text())
     assert meta["layout"] == "shared_prefix" and meta["featurizer"]["mode"] == "history"
+    best = res["output_round"]  # the model of the round that won most fixed train games is the output
+    from safetensors.torch import load_file
+
+    chosen, written = (load_file(d / "model.safetensors") for d in (out / "dagger" / f"round_{best}" / "model", out / "model"))
+    assert all(torch.equal(chosen[k], written[k]) for k in chosen)
     again = run_dagger(AgentConfig(**cfg, resume=True))  # both rounds done: nothing is replayed
     assert [r["states_added"] for r in again["rounds"]] == [r["states_added"] for r in res["rounds"]]
 
@@ -164,3 +169,14 @@ def test_an_expert_that_raises_leaves_the_state_unlabelled_and_the_game_going():
         assert expert_label(s) is None and not s.done and s.observation
         s = env.step(s.admissible[0])  # the game goes on
         assert s.info["expert_source"] == "expert_error"
+
+
+def test_the_output_is_the_round_that_won_most_train_games():
+    from fastrank.dagger import pick_round
+
+    def r(k, success, repeats):
+        return {"round": k, "eval": {"success_rate": success, "repeated_action_rate": repeats}}
+
+    assert pick_round([r(0, 0.5625, 0.18), r(1, 0.5, 0.10)]) == 0  # more games won beats fewer repeats
+    assert pick_round([r(0, 0.5, 0.30), r(1, 0.5, 0.10), r(2, 0.25, 0.0)]) == 1  # a tie: fewer repeats
+    assert pick_round([r(0, 0.5, 0.1), r(1, 0.5, 0.1)]) == 1  # a full tie: the later round
