@@ -96,19 +96,24 @@ def test_avoid_repeats_breaks_the_same_observation_loop():
     assert ep["trajectory"][1]["top"][0] == ["examine drawer", 2.0]  # the ranking is logged unchanged
 
 
-def test_agent_eval_cli_plays_real_games(tmp_path, capsys):
+def _tiny_checkpoint_and_games(tmp_path):
+    """A 1-layer reranker saved under tmp_path (skips without the shared games or the alfworld extra)."""
     if not TARBALL.exists():
         pytest.skip(f"shared data not here: {TARBALL}")
     pytest.importorskip("alfworld")
     from transformers import AutoTokenizer, BertConfig
 
-    from fastrank.cli import main
-
     tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=160)
-    ckpt = Reranker.from_config(cfg, tok, max_length=96).save_pretrained(tmp_path / "ranker")
+    return Reranker.from_config(cfg, tok, max_length=96).save_pretrained(tmp_path / "ranker")
+
+
+def test_agent_eval_cli_plays_real_games(tmp_path, capsys):
+    ckpt = _tiny_checkpoint_and_games(tmp_path)
+    from fastrank.cli import main
+
     out = tmp_path / "episodes.jsonl"
     rc = main(["agent-eval", "--env", "alfworld", "--games", "2", "--max-steps", "3", "--checkpoint", str(ckpt),
                "--games-dir", str(TARBALL), "--out", str(out)])
@@ -132,18 +137,9 @@ def test_agent_eval_cli_plays_real_games(tmp_path, capsys):
 def test_agent_eval_workers_play_the_same_episodes_as_one_process(tmp_path, capsys):
     """--workers 2 splits the games between two processes; the merged log is the one-process log, in task
     order, and no partial log is left behind."""
-    if not TARBALL.exists():
-        pytest.skip(f"shared data not here: {TARBALL}")
-    pytest.importorskip("alfworld")
-    from transformers import AutoTokenizer, BertConfig
-
+    ckpt = _tiny_checkpoint_and_games(tmp_path)
     from fastrank.cli import main
 
-    tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=160)
-    ckpt = Reranker.from_config(cfg, tok, max_length=96).save_pretrained(tmp_path / "ranker")
     logs = {}
     for w in (1, 2):
         out = tmp_path / f"w{w}.jsonl"
