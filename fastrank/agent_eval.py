@@ -6,7 +6,7 @@
     fastrank agent-eval --env webshop --goals 100 --max-steps 15 --checkpoint runs/joint3/model
     OMP_NUM_THREADS=2 fastrank agent-eval --env alfworld --workers 2 --checkpoint ...     # 2 processes x 1 thread
 
-Several games run in lockstep and their current states are scored in one batch (`fastrank.rollout`).
+Several games run in lockstep and their current states are scored in one call (`fastrank.rollout`; `Reranker.score_many`).
 Reports success rate, mean score, steps, repeated-action rate and decisions/s, overall and per task
 type, lists every game that failed to load, and writes one JSON line per episode (every observation,
 candidate count, chosen action, its score and the runners-up) so failures can be read, not just counted.
@@ -113,7 +113,7 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--games-dir", default=None, help="ALFWorld games: unpacked dir or the json_2.1.1 tarball")
     p.add_argument("--max-steps", type=int, default=50, help="actions per episode before it counts as lost")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="games played in lockstep, their states scored in one batch (ScienceWorld: one JVM each)")
+                   help="games played in lockstep, their states scored in one call (ScienceWorld: one JVM each)")
     p.add_argument("--max-candidates", type=int, default=64, help="ScienceWorld: bound on the valid-action list")
     p.add_argument("--candidate-order", choices=("relevance", "random"), default="relevance",
                    help="ScienceWorld: which valid actions fill each verb's share of --max-candidates: those naming "

@@ -1,4 +1,4 @@
-"""Episodes in lockstep: several games at once, the reranker scoring all their current states in one batch.
+"""Episodes in lockstep: several games at once, the reranker scoring all their current states in one call.
 
 Used by the agent evaluation (policy only) and by DAgger (a beta-mixture of the expert and the policy,
 with every visited state handed to a callback for labelling). Each slot keeps its own `EpisodeMemory`,
