@@ -152,16 +152,18 @@ def evaluate_agent(ranker, env: str, make_env, tasks: list, *, max_steps: int = 
     return {"summary": summary, "episodes": ro.episodes}
 
 
-def _play(args: argparse.Namespace, shard: int, workers: int, threads: int | None, log_path: Path) -> tuple:
+def _play(args: argparse.Namespace, shard: int, workers: int, threads: int | None, log_path: Path,
+          prepared: tuple | None = None) -> tuple:
     """Every `workers`-th task from `shard` on, played by a freshly loaded model; (task indices, result).
-    Runs in the CLI process (one worker) or in a spawned worker process (several)."""
+    Runs in the CLI process (one worker; `prepared`: its `TASKS[env](args)`) or in a spawned worker process
+    (several), which lists the tasks again (their env factories do not pickle)."""
     import torch
 
     from fastrank.model import Reranker
 
     if threads:
         torch.set_num_threads(threads)
-    make_env, tasks, candidates = TASKS[args.env](args)
+    make_env, tasks, candidates = prepared or TASKS[args.env](args)
     idx = list(range(shard, len(tasks), workers))
     ranker = Reranker.from_pretrained(args.checkpoint)
     batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
@@ -187,14 +189,15 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
     n_workers = getattr(args, "workers", 1)  # callers building the Namespace by hand may leave it out
     if n_workers < 1:
         raise ValueError(f"--workers must be >= 1, got {n_workers}")
-    _, tasks, _ = TASKS[args.env](args)  # before any model loads: a wrong split or path fails fast
+    prepared = TASKS[args.env](args)  # before any model loads: a wrong split or path fails fast
+    tasks = prepared[1]
     workers = min(n_workers, len(tasks)) or 1
     out = Path(args.out or Path(args.checkpoint) / f"agent_eval_{args.env}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     logs = [out.with_suffix(".partial.jsonl" if workers == 1 else f".partial.w{k}.jsonl") for k in range(workers)]
     t0 = time.perf_counter()
     if workers == 1:
-        parts = [_play(args, 0, 1, None, logs[0])]
+        parts = [_play(args, 0, 1, None, logs[0], prepared)]
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor

@@ -117,7 +117,9 @@ class Featurizer:
             verbatim = "; verbatim in goal" if verbatim_in(goal, a) else ""
             if self.notes == 1:
                 note = mem.annotate(a, there) + (f"; {head}" if head else "") + goal_note + verbatim
-            else:  # what decides first: a candidate's token budget cuts the note from the end
+            else:  # what decides first: a candidate's token budget cuts the note from the end. (A verbatim click
+                # without goal names, e.g. `click[10]` for "size: 10", reads "new; ; verbatim in goal": the text v2
+                # models were trained on, so it stays; a v3 should drop the empty part.)
                 count, items, seen = mem.annotation_parts(a, there)
                 note = "; ".join(p for p in (count + mem.undo_note(a)
                                              + ("; not on this page" if off_page(observation, a) else ""),

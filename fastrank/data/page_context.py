@@ -46,11 +46,16 @@ def click_arg(action: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+def _phrase_in(phrase: str, text: str) -> bool:
+    """`phrase` in `text` as a whole phrase, case-insensitively: "large" is in "size: large", not in "x-large"."""
+    return re.search(rf"(?<![\w-]){re.escape(phrase.lower())}(?![\w-])", text.lower()) is not None
+
+
 def verbatim_in(goal: str, action: str) -> bool:
     """A click whose whole argument the goal states as a phrase: "size: large" names `click[large]` but not
     `click[x-large]`, which the word-level "goal names" note cannot tell apart (both share "large")."""
-    arg = (click_arg(action) or "").lower()
-    return bool(arg) and re.search(rf"(?<![\w-]){re.escape(arg)}(?![\w-])", goal.lower()) is not None
+    arg = click_arg(action) or ""
+    return bool(arg) and _phrase_in(arg, goal)
 
 
 def off_page(observation: str, action: str) -> bool:
@@ -59,9 +64,7 @@ def off_page(observation: str, action: str) -> bool:
     states' actions), and a reranker that was only ever shown a page's own clickables cannot tell them from
     real buttons, where the lexical floor wins by noticing their words are missing (README, *WebShop*)."""
     arg = click_arg(action)
-    if arg is None or SEP not in observation:
-        return False
-    return re.search(rf"(?<![\w-]){re.escape(arg.lower())}(?![\w-])", observation.lower()) is None
+    return arg is not None and SEP in observation and not _phrase_in(arg, observation)
 
 
 def budget(goal: str) -> float | None:
