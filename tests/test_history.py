@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig
 
-from fastrank.data.features import Featurizer
+from fastrank.data.features import NOTES_VERSION, Featurizer
 from fastrank.data.history import EpisodeMemory, summarize_history
 from fastrank.model import PRESETS, Reranker
 
@@ -49,12 +49,17 @@ def test_candidates_are_annotated_with_what_the_episode_says_about_them():
 
 
 def test_actions_say_which_of_their_words_the_goal_names():
-    _, actions = Featurizer("history").texts("put two cellphones in drawer.", "o",
+    _, actions = Featurizer("history", notes=2).texts("put two cellphones in drawer.", "o",
                                              ["take cellphone 2 from bed 1", "put cellphone 2 in/on drawer 1",
                                               "go to desk 1"], [])
     assert actions == ["action: take cellphone 2 from bed 1 (new; goal names: cellphone)",
                        "action: put cellphone 2 in/on drawer 1 (new; goal names: cellphone drawer)",
                        "action: go to desk 1 (new; unvisited)"]  # function words and numbers are never "named"
+    # v3: the role each named word plays (fastrank.data.goal_roles)
+    _, v3 = Featurizer("history").texts("put two cellphones in drawer.", "o",
+                                        ["take cellphone 2 from bed 1", "put cellphone 2 in/on drawer 1"], [])
+    assert v3 == ["action: take cellphone 2 from bed 1 (new; goal object)",
+                  "action: put cellphone 2 in/on drawer 1 (new; goal object, in/on goal target)"]
 
 
 def test_undoing_a_take_or_a_put_is_said_beside_the_action():
@@ -69,7 +74,7 @@ def test_undoing_a_take_or_a_put_is_said_beside_the_action():
     assert mem.undo_note("take apple 1 from fridge 1") == "; takes back what it put there"
     assert mem.undo_note("put apple 1 in/on countertop 2") == ""  # no longer held
     _, acts = Featurizer("history").texts("put a apple in fridge.", "o", ["put apple 1 in/on countertop 2"], TURNS[:5])
-    assert acts == ["action: put apple 1 in/on countertop 2 (new; puts it back where it was taken; goal names: apple)"]
+    assert acts == ["action: put apple 1 in/on countertop 2 (new; puts it back where it was taken; goal object)"]
 
 
 def test_notes_version_1_keeps_the_old_text_and_version_2_puts_what_decides_first(tmp_path):
@@ -82,15 +87,15 @@ def test_notes_version_1_keeps_the_old_text_and_version_2_puts_what_decides_firs
              ("take alarmclock 1 from sidetable 1", "You pick up the alarmclock 1 from the sidetable 1.")]
     cands = ["go to desk 1", "put alarmclock 1 in/on sidetable 1"]
     v1 = Featurizer("history", notes=1).texts("put a alarmclock in desk.", turns[-1][1], cands, turns)[1]
-    v2 = Featurizer("history").texts("put a alarmclock in desk.", turns[-1][1], cands, turns)[1]
+    v2 = Featurizer("history", notes=2).texts("put a alarmclock in desk.", turns[-1][1], cands, turns)[1]
     assert v1 == ["action: go to desk 1 (taken 1x; seen there: book 2, cd 3, pencil 1, pencil 2, ...; goal names: desk)",
                   "action: put alarmclock 1 in/on sidetable 1 (new; goal names: alarmclock)"]
     assert v2 == ["action: go to desk 1 (taken 1x; goal names: desk; seen there: book 2, cd 3, pencil 1, pencil 2, ...)",
                   "action: put alarmclock 1 in/on sidetable 1 (new; puts it back where it was taken; goal names: alarmclock)"]
     with pytest.raises(ValueError, match="notes version"):
         Featurizer("history", notes=9)
-    path = _tiny("shared_prefix").save_pretrained(tmp_path / "v2")
-    assert Reranker.from_pretrained(path).featurizer.notes == 2
+    path = _tiny("shared_prefix").save_pretrained(tmp_path / "v3")
+    assert Reranker.from_pretrained(path).featurizer.notes == NOTES_VERSION == 3
     meta = json.loads((path / "fastrank.json").read_text())
     del meta["featurizer"]["notes"]  # a checkpoint saved before the field
     (path / "fastrank.json").write_text(json.dumps(meta))
@@ -121,9 +126,11 @@ def test_objects_move_with_the_agent_and_goal_items_are_flagged_where_seen():
     assert mem.seen_items("take apple 1 from countertop 1") == []  # not a place
     _, actions = Featurizer("history").texts("put two apples in fridge.", "o",
                                              ["go to countertop 1", "go to countertop 2", "go to bed 1"], turns)
-    assert actions[0] == ("action: go to countertop 1 (taken 1x; goal items there: apple 2, apple 1; "
+    assert actions[0] == ("action: go to countertop 1 (taken 1x; goal object there: apple 2, apple 1; "
                           "seen there: apple 2, bread 1, apple 1)")
-    assert "goal items" not in actions[1] and "goal items" not in actions[2]
+    assert " there:" not in actions[1].replace("seen there", "") and "goal object" not in actions[2]
+    _, v2 = Featurizer("history", notes=2).texts("put two apples in fridge.", "o", ["go to countertop 1"], turns)
+    assert v2[0] == "action: go to countertop 1 (taken 1x; goal items there: apple 2, apple 1; seen there: apple 2, bread 1, apple 1)"
 
 
 def test_state_text_truncation_drops_the_oldest_history_first():

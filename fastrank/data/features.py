@@ -20,14 +20,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fastrank.data.goal_roles import goal_roles
 from fastrank.data.page_context import listing_text, off_page, page_listing, verbatim_in
 
 _WORD = re.compile(r"[a-z0-9]+")
 FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 # The ``history`` mode's candidate notes, versioned so a saved model reads the text it was trained on:
 # 1 = new/taken, places, goal names, listing, verbatim in goal; 2 = + "puts it back where it was taken" /
-# "takes back what it put there" (`EpisodeMemory.undo_note`) and WebShop's "not on this page".
-NOTES_VERSION = 2
+# "takes back what it put there" (`EpisodeMemory.undo_note`) and WebShop's "not on this page"; 3 = the role each
+# goal word plays in the action (`fastrank.data.goal_roles`: goal object / goal target / the change asked) in place
+# of "goal names" where the goal and the action parse, and no empty parts.
+NOTES_VERSION = 3
 
 
 def words(text: str) -> list[str]:
@@ -106,26 +109,42 @@ class Featurizer:
         mem = EpisodeMemory.from_turns(history or [])
         state += f" history: {mem.summary() or 'none'}"
         goal_words = goal_stems(goal)
+        roles = goal_roles(goal) if self.notes >= 3 else None
         listing = page_listing(observation)
         out = []
         for a in candidates:
             head, title = listing_text(goal, listing, a) if listing else ("", "")  # a product id: its listing
             named = named_words(goal_words, f"{a} {title}")
-            # the objects the goal asks for that were seen at this place (and are still there)
-            there = [o for o in mem.seen_items(a) if named_words(goal_words, o)]
-            goal_note = f"; goal names: {' '.join(named)}" if named else ""
-            verbatim = "; verbatim in goal" if verbatim_in(goal, a) else ""
+            verbatim = "verbatim in goal" if verbatim_in(goal, a) else ""
             if self.notes == 1:
-                note = mem.annotate(a, there) + (f"; {head}" if head else "") + goal_note + verbatim
-            else:  # what decides first: a candidate's token budget cuts the note from the end. (A verbatim click
-                # without goal names, e.g. `click[10]` for "size: 10", reads "new; ; verbatim in goal": the text v2
-                # models were trained on, so it stays; a v3 should drop the empty part.)
-                count, items, seen = mem.annotation_parts(a, there)
-                note = "; ".join(p for p in (count + mem.undo_note(a)
-                                             + ("; not on this page" if off_page(observation, a) else ""),
-                                             head, goal_note[2:] + verbatim, items, seen) if p)
+                # the objects the goal asks for that were seen at this place (and are still there)
+                there = [o for o in mem.seen_items(a) if named_words(goal_words, o)]
+                note = (mem.annotate(a, there) + (f"; {head}" if head else "")
+                        + (f"; goal names: {' '.join(named)}" if named else "") + (f"; {verbatim}" if verbatim else ""))
+            else:  # what decides first: a candidate's token budget cuts the note from the end
+                count_note = mem.annotation_parts(a)[0] + mem.undo_note(a) + (
+                    "; not on this page" if off_page(observation, a) else "")
+                note = "; ".join(p for p in (count_note, head, *self._goal_parts(mem, roles, goal_words, a, named,
+                                                                                   verbatim)) if p)
             out.append(f"action: {a.strip()} ({note})" + (f" {title}" if title else ""))
         return state, out
+
+    def _goal_parts(self, mem, roles, goal_words, action, named, verbatim) -> tuple[str, ...]:
+        """(what the goal says about the action, what is at its place that the goal asks for, what else is there)."""
+        seen = mem.annotation_parts(action)[2]
+        if self.notes == 2:  # v2's text, empty middle part included: v2 models were trained on "new; ; verbatim"
+            there = [o for o in mem.seen_items(action) if named_words(goal_words, o)]
+            goal_note = (f"goal names: {' '.join(named)}" if named else "") + (f"; {verbatim}" if verbatim else "")
+            return goal_note, mem.annotation_parts(action, there)[1], seen
+        role_note = roles.action_roles(action) if roles is not None else None
+        if role_note is None:
+            goal_note = f"goal names: {' '.join(named)}" if named else ""
+            there = [o for o in mem.seen_items(action) if named_words(goal_words, o)]
+            return (goal_note, verbatim, f"goal items there: {', '.join(there)}" if there else "", seen)
+        items = mem.seen_items(action)
+        found = [f"{r} there: {', '.join(o for o in items if roles.role(o) == r)}"
+                 for r in ("goal object", "goal target") if any(roles.role(o) == r for o in items)]
+        return (role_note, verbatim, *found, seen)
 
     def state_text(self, goal: str, observation: str, history=None) -> str:
         return self.texts(goal, observation, [], history)[0]

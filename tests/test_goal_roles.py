@@ -1,0 +1,60 @@
+"""Goal roles (notes v3): which part of the goal an action's object and place are."""
+from __future__ import annotations
+
+import pytest
+
+from fastrank.data.features import Featurizer
+from fastrank.data.goal_roles import goal_roles
+
+
+@pytest.mark.parametrize("goal, objects, targets, change", [
+    ("put a cellphone in armchair.", {"cellphone"}, {"armchair"}, None),
+    ("put some pencil on dresser.", {"pencil"}, {"dresser"}, None),
+    ("put a hot egg in fridge.", {"egg"}, {"fridge"}, "heat"),
+    ("cool some winebottle and put it in diningtable.", {"winebottle"}, {"diningtable"}, "cool"),
+    ("clean some butterknife and put it in drawer.", {"butterknife"}, {"drawer"}, "clean"),
+    ("find two glassbottle and put them in shelf.", {"glassbottle"}, {"shelf"}, None),
+    ("put two creditcards in safe.", {"creditcard"}, {"safe"}, None),
+    ("look at cd under the desklamp.", {"cd"}, {"desklamp"}, None),
+    ("examine the alarmclock with the desklamp.", {"alarmclock"}, {"desklamp"}, None),
+])
+def test_short_goals_split_into_object_target_and_change(goal, objects, targets, change):
+    r = goal_roles(goal)
+    assert (set(r.objects), set(r.targets), r.change) == (objects, targets, change)
+
+
+@pytest.mark.parametrize("goal", [
+    "Find me shorts with size: x-large, and price lower than 60.00 dollars",  # a WebShop request: too long
+    "Your task is to boil water. For compounds without a boiling point, combining substances is fine.",
+    "g", "examine the room.",  # no place phrase
+])
+def test_goals_without_a_place_phrase_have_no_roles(goal):
+    assert goal_roles(goal) is None
+
+
+def test_each_action_slot_gets_its_role_and_a_change_is_asked_or_not():
+    hot = goal_roles("put a hot cup in cabinet.")
+    assert hot.action_roles("take cellphone 1 from cabinet 1") == "other object, from goal target"
+    assert hot.action_roles("take cup 3 from countertop 1") == "goal object"
+    assert hot.action_roles("heat cup 3 with microwave 1") == "goal object, the change the goal asks"
+    assert hot.action_roles("cool cup 3 with fridge 1") == "goal object, a change the goal does not ask"
+    assert hot.action_roles("put cup 3 in/on cabinet 2") == "goal object, in/on goal target"
+    assert hot.action_roles("go to cabinet 1") == "goal target"
+    assert hot.action_roles("go to drawer 1") == ""  # parses, names nothing
+    assert hot.action_roles("look") is None and hot.action_roles("click[buy now]") is None
+    knife = goal_roles("clean some butterknife and put it in drawer.")
+    assert knife.action_roles("slice bread 1 with butterknife 1") == (
+        "other object, with goal object, a change the goal does not ask")
+
+
+def test_v3_notes_use_roles_where_they_parse_and_never_write_an_empty_part():
+    turns = [("go to countertop 1", "On the countertop 1, you see a cup 3, a desklamp 1, and a bread 2.")]
+    _, acts = Featurizer("history").texts("look at cup under the desklamp.", turns[0][1],
+                                          ["go to countertop 1", "use desklamp 1"], turns)
+    assert acts == ["action: go to countertop 1 (taken 1x; goal object there: cup 3; goal target there: desklamp 1; "
+                    "seen there: cup 3, desklamp 1, bread 2)",
+                    "action: use desklamp 1 (new; goal target)"]
+    sized = "i need a size: 10 shoe, and price lower than 50.00 dollars"
+    v2, v3 = (Featurizer("history", notes=n).texts(sized, "size [SEP] 10 [SEP] 11", ["click[10]"], [])[1] for n in (2, 3))
+    assert v2 == ["action: click[10] (new; ; verbatim in goal)"]  # what v2 models were trained on
+    assert v3 == ["action: click[10] (new; verbatim in goal)"]
