@@ -13,7 +13,11 @@ as history. Variants, same states, same weights (speed does not depend on traini
   prefix_history_x8    the same, 8 games' states scored together (lockstep agent-eval's `score_many`: on a CPU
                        one forward per set, since padded rows cost more than they save): per decision
   prefix_history_x8_padded  the 8 states as one padded batch (one forward; the path `score_many` takes on a GPU)
-extra_info: p50 / p90 seconds per decision, decisions per second, mean tokens per decision.
+  prefix_history_bf16  prefix_history under CPU bf16 autocast (`agent-eval --bf16`: matmuls in bf16 on CPUs with
+                       AVX512-BF16 / AMX, layer norms and softmax in fp32); extra_info gives its argmax agreement
+                       with fp32 on the same states
+FASTRANK_BENCH_CHECKPOINT: a trained history checkpoint for the prefix variants (the argmax agreement of a fresh
+head says little). extra_info: p50 / p90 seconds per decision, decisions per second, mean tokens per decision.
 """
 import gzip
 import json
@@ -35,7 +39,8 @@ SRC = SHARED / "alfworld" / "expert_admissible_valid_seen.jsonl.gz"
 VARIANTS = {"pairs_goal_obs": ("pairs", "state_action_overlap", 128, 1),
             "prefix_history": ("shared_prefix", "history", 192, 1),
             "prefix_history_x8": ("shared_prefix", "history", 192, 8),
-            "prefix_history_x8_padded": ("shared_prefix", "history", 192, 8)}
+            "prefix_history_x8_padded": ("shared_prefix", "history", 192, 8),
+            "prefix_history_bf16": ("shared_prefix", "history", 192, 1)}
 
 
 def _states() -> list[tuple]:
@@ -67,7 +72,11 @@ def test_decision_latency(benchmark, variant, states):
     layout, mode, max_length, batch = VARIANTS[variant]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     torch.manual_seed(0)
-    model = Reranker.from_encoder("minilm", featurizer=Featurizer(mode), max_length=max_length, layout=layout).eval()
+    ckpt = os.environ.get("FASTRANK_BENCH_CHECKPOINT")
+    if ckpt and layout == "shared_prefix":
+        model = Reranker.from_pretrained(ckpt).eval()
+    else:
+        model = Reranker.from_encoder("minilm", featurizer=Featurizer(mode), max_length=max_length, layout=layout).eval()
     groups = [states[i:i + batch] for i in range(0, len(states), batch)]
     times: list[float] = []
 
@@ -76,6 +85,13 @@ def test_decision_latency(benchmark, variant, states):
             model(model.collator()([model._encode_one(*s) for s in g]))
 
     score = padded if variant.endswith("_padded") else model.score_many
+    if variant.endswith("_bf16"):
+        with torch.no_grad():
+            ref = [max(range(len(s[2])), key=model.score(s[0], s[1], s[2], history=s[3]).__getitem__) for s in states]
+
+        def score(g):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model.score_many(g)
 
     def run():
         for g in groups:
@@ -90,6 +106,10 @@ def test_decision_latency(benchmark, variant, states):
     p50, p90 = times[len(times) // 2], times[int(len(times) * 0.9)]
     enc = [model._encode_one(*s) for s in states]
     tokens = sum(e.n_tokens if hasattr(e, "state_ids") else sum(map(len, e.input_ids)) for e in enc) / len(enc)
+    if variant.endswith("_bf16"):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = [max(range(len(s[2])), key=model.score(s[0], s[1], s[2], history=s[3]).__getitem__) for s in states]
+        benchmark.extra_info["argmax_agreement_with_fp32"] = sum(a == b for a, b in zip(ref, got)) / len(states)
     benchmark.extra_info.update(p50_s=round(p50, 4), p90_s=round(p90, 4), decisions_per_s=round(1 / p50, 2),
                                 mean_tokens=round(tokens, 1),
                                 mean_candidates=round(sum(len(s[2]) for s in states) / len(states), 1))

@@ -129,6 +129,10 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
                           "5 / 8 (README)")
     rep.add_argument("--allow-repeats", dest="avoid_repeats", action="store_false",
                      help="always take the top-scored action (the default for ScienceWorld and WebShop)")
+    p.add_argument("--bf16", action="store_true",
+                   help="score under bf16 autocast (matmuls in bf16, norms and softmax in fp32): faster on CPUs with "
+                        "AVX512-BF16 / AMX and on GPUs; bench/bench_decision.py measures the latency and the argmax "
+                        "agreement with fp32")
     p.add_argument("--out", default=None, help="episode log JSONL (default: <checkpoint>/agent_eval_<env>.jsonl)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes, each playing every N-th game with its own copy of the model and the torch "
@@ -167,7 +171,8 @@ def _play(args: argparse.Namespace, shard: int, workers: int, threads: int | Non
     idx = list(range(shard, len(tasks), workers))
     ranker = Reranker.from_pretrained(args.checkpoint)
     batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
-    with open(log_path, "w", encoding="utf-8") as log:  # each episode as it ends: a stopped run keeps them
+    bf16 = torch.autocast(ranker.device.type, dtype=torch.bfloat16, enabled=getattr(args, "bf16", False))
+    with bf16, open(log_path, "w", encoding="utf-8") as log:  # each episode as it ends: a stopped run keeps them
         def on_episode(ep: dict) -> None:
             log.write(json.dumps(ep) + "\n")
             log.flush()
@@ -222,7 +227,7 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
                "decisions": decisions, "model_seconds": round(model_s, 1),
                "decisions_per_s": round(decisions / model_s, 2) if model_s else 0.0, "workers": workers,
                "checkpoint": str(args.checkpoint), "split": args.split, "avoid_repeats": args.avoid_repeats,
-               "log": str(out)}
+               "bf16": getattr(args, "bf16", False), "log": str(out)}
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     return 0

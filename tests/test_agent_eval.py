@@ -96,6 +96,38 @@ def test_avoid_repeats_breaks_the_same_observation_loop():
     assert ep["trajectory"][1]["top"][0] == ["examine drawer", 2.0]  # the ranking is logged unchanged
 
 
+class _Locked:
+    """The drawer opens only once the key is held; taking the key leaves the observation as it was."""
+
+    def reset(self, task):
+        self.holding = False
+        return EnvState("The drawer 1 is closed.", "open the drawer", ["open drawer 1", "take key 1 from table 1",
+                                                                        "look"], "t")
+
+    def step(self, action):
+        if action == "open drawer 1" and self.holding:
+            return EnvState("You open the drawer 1.", "open the drawer", [], "t", reward=1.0, done=True, won=True)
+        self.holding |= action.startswith("take key")
+        return EnvState("The drawer 1 is closed.", "open the drawer", ["open drawer 1", "take key 1 from table 1",
+                                                                         "look"], "t")
+
+    def close(self):
+        pass
+
+
+class _PrefersOpen:
+    def score(self, goal, observation, candidates):
+        return torch.tensor([{"open drawer 1": 2.0, "take key 1 from table 1": 1.0, "look": 0.5}[c] for c in candidates])
+
+
+def test_avoid_repeats_retries_an_action_once_an_effectful_action_changed_the_world():
+    """Same observation, but the key is now held: opening again is a new try (keyed by the observation alone,
+    the rule blocked it and the agent looked around instead)."""
+    ep = run_episode(_Locked(), _PrefersOpen(), None, max_steps=10, avoid_repeats=True)
+    assert ep["won"] and [s["action"] for s in ep["trajectory"]] == ["open drawer 1", "take key 1 from table 1",
+                                                                     "open drawer 1"]
+
+
 def _tiny_checkpoint_and_games(tmp_path):
     """A 1-layer reranker saved under tmp_path (skips without the shared games or the alfworld extra)."""
     if not TARBALL.exists():
@@ -110,16 +142,17 @@ def _tiny_checkpoint_and_games(tmp_path):
     return Reranker.from_config(cfg, tok, max_length=96).save_pretrained(tmp_path / "ranker")
 
 
-def test_agent_eval_cli_plays_real_games(tmp_path, capsys):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_agent_eval_cli_plays_real_games(tmp_path, capsys, bf16):
     ckpt = _tiny_checkpoint_and_games(tmp_path)
     from fastrank.cli import main
 
     out = tmp_path / "episodes.jsonl"
     rc = main(["agent-eval", "--env", "alfworld", "--games", "2", "--max-steps", "3", "--checkpoint", str(ckpt),
-               "--games-dir", str(TARBALL), "--out", str(out)])
+               "--games-dir", str(TARBALL), "--out", str(out)] + (["--bf16"] if bf16 else []))
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["episodes"] == 2 and 0.0 <= summary["success_rate"] <= 1.0 and summary["workers"] == 1
+    assert summary["bf16"] is bf16 and summary["episodes"] == 2 and 0.0 <= summary["success_rate"] <= 1.0 and summary["workers"] == 1
     assert summary["log"] == str(out) and len(summary["per_task_type"]) == 2
     episodes = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(episodes) == 2

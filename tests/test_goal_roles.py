@@ -58,3 +58,24 @@ def test_v3_notes_use_roles_where_they_parse_and_never_write_an_empty_part():
     v2, v3 = (Featurizer("history", notes=n).texts(sized, "size [SEP] 10 [SEP] 11", ["click[10]"], [])[1] for n in (2, 3))
     assert v2 == ["action: click[10] (new; ; verbatim in goal)"]  # what v2 models were trained on
     assert v3 == ["action: click[10] (new; verbatim in goal)"]
+
+
+def test_v4_says_a_put_on_the_target_comes_before_the_change_and_that_it_is_no_undo_after_it():
+    """The v3 policy took the apple off the dining table it had to heat and put it straight back."""
+    turns = [("go to diningtable 2", "On the diningtable 2, you see a apple 1."),
+             ("take apple 1 from diningtable 2", "You pick up the apple 1 from the diningtable 2.")]
+    goal, put = "heat some apple and put it in diningtable.", ["put apple 1 in/on diningtable 2"]
+    before = {n: Featurizer("history", notes=n).texts(goal, turns[-1][1], put, turns)[1][0] for n in (3, 4)}
+    assert before[3] == ("action: put apple 1 in/on diningtable 2 (new; puts it back where it was taken; "
+                         "goal object, in/on goal target)")
+    assert before[4] == ("action: put apple 1 in/on diningtable 2 (new; puts it back where it was taken; "
+                         "goal object, in/on goal target, not heated yet)")
+    heated = turns + [("go to microwave 1", "The microwave 1 is closed."),
+                      ("heat apple 1 with microwave 1", "You heat the apple 1 using the microwave 1."),
+                      ("go to diningtable 2", "On the diningtable 2, you see nothing.")]
+    after = {n: Featurizer("history", notes=n).texts(goal, heated[-1][1], put, heated)[1][0] for n in (3, 4)}
+    assert "puts it back" in after[3]  # v3's text, kept for its models
+    assert after[4] == "action: put apple 1 in/on diningtable 2 (new; goal object, in/on goal target)"
+    # no change asked: nothing pending
+    plain = Featurizer("history").texts("put a apple in diningtable.", turns[-1][1], put, turns)[1][0]
+    assert "yet" not in plain and "puts it back" in plain

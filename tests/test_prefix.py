@@ -118,3 +118,15 @@ def test_shared_prefix_rejects_relative_position_encoders():
     with pytest.raises(ValueError, match="layout must be"):
         Reranker.from_config(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, intermediate_size=64), tok, layout="bogus")
+
+
+def test_bf16_autocast_scores_are_fp32_and_close_to_fp32(models):
+    """`agent-eval --bf16` scores under CPU bf16 autocast: the matmuls round to bf16 (8 mantissa bits), the
+    returned scores stay fp32 and near the fp32 ones."""
+    m = models["sdpa"]
+    ref = m.score("put a bread in fridge.", "The drawer 1 is closed.", CANDS, history=HIST)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.score("put a bread in fridge.", "The drawer 1 is closed.", CANDS, history=HIST)
+    assert got.dtype == torch.float32
+    assert not torch.equal(got, ref)  # bf16 did run
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)

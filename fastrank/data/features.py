@@ -29,8 +29,9 @@ FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 # 1 = new/taken, places, goal names, listing, verbatim in goal; 2 = + "puts it back where it was taken" /
 # "takes back what it put there" (`EpisodeMemory.undo_note`) and WebShop's "not on this page"; 3 = the role each
 # goal word plays in the action (`fastrank.data.goal_roles`: goal object / goal target / the change asked) in place
-# of "goal names" where the goal and the action parse, and no empty parts.
-NOTES_VERSION = 3
+# of "goal names" where the goal and the action parse, and no empty parts; 4 = + "not heated yet" on a put of the goal
+# object into the goal target before the change the goal asks.
+NOTES_VERSION = 4
 
 
 def words(text: str) -> list[str]:
@@ -122,7 +123,7 @@ class Featurizer:
                 note = (mem.annotate(a, there) + (f"; {head}" if head else "")
                         + (f"; goal names: {' '.join(named)}" if named else "") + (f"; {verbatim}" if verbatim else ""))
             else:  # what decides first: a candidate's token budget cuts the note from the end
-                count_note = mem.annotation_parts(a)[0] + mem.undo_note(a) + (
+                count_note = mem.annotation_parts(a)[0] + mem.undo_note(a, changed_ok=self.notes >= 4) + (
                     "; not on this page" if off_page(observation, a) else "")
                 note = "; ".join(p for p in (count_note, head, *self._goal_parts(mem, roles, goal_words, a, named,
                                                                                    verbatim)) if p)
@@ -136,7 +137,7 @@ class Featurizer:
             there = [o for o in mem.seen_items(action) if named_words(goal_words, o)]
             goal_note = (f"goal names: {' '.join(named)}" if named else "") + (f"; {verbatim}" if verbatim else "")
             return goal_note, mem.annotation_parts(action, there)[1], seen
-        role_note = roles.action_roles(action) if roles is not None else None
+        role_note = roles.action_roles(action, mem.changed if self.notes >= 4 else None) if roles is not None else None
         if role_note is None:
             goal_note = f"goal names: {' '.join(named)}" if named else ""
             there = [o for o in mem.seen_items(action) if named_words(goal_words, o)]

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from fastrank.data.history import PAST
 
 _WORD = re.compile(r"[a-z0-9]+")
 _MAX_GOAL_WORDS = 12  # longer goals are requests or task descriptions, not "<verb> <object> <prep> <target>"
@@ -59,12 +62,15 @@ class GoalRoles:
     def names(self, arg: str) -> bool:
         return bool(self.role(arg))
 
-    def action_roles(self, action: str) -> str | None:
+    def action_roles(self, action: str, changed: Mapping[str, Sequence[str]] | None = None) -> str | None:
         """The role note of one action ('' = nothing the goal names; None = the action does not parse).
 
         ``take cellphone 1 from desk 1`` -> "other object, from goal target"; ``heat cup 3 with microwave 1``
         under "put a hot cup in cabinet" -> "goal object, the change the goal asks"; ``go to cabinet 1`` ->
-        "goal target"."""
+        "goal target". `changed` (object -> what was done to it, `EpisodeMemory.changed`; notes v4): a put of
+        the goal object into the goal target before the change the goal asks adds "not heated yet" -- the v3
+        policy took the apple off the dining table it had to heat and put it straight back (that put reads
+        "goal object, in/on goal target", the expert's last move in every game)."""
         m = _ACTION.match(action.strip().lower())
         if not m:
             return None
@@ -78,6 +84,9 @@ class GoalRoles:
             ry = self.role(y)
             if ry:
                 parts.append(f"{prep} {ry}")
+            if (changed is not None and verb == "put" and self.change and rx == "goal object" and ry == "goal target"
+                    and PAST[self.change] not in changed.get(x, ())):
+                parts.append(f"not {PAST[self.change]} yet")
         if verb in ("heat", "cool", "clean", "slice"):
             parts.append("the change the goal asks" if verb == self.change else "a change the goal does not ask")
         return ", ".join(p for p in parts if p)

@@ -39,7 +39,7 @@ _PUT = re.compile(r"you put the (.+?) (?:in|on)(?:/on)? the (.+?)\.?$", re.I)
 _TO_INV = re.compile(r"you move the (.+?) to the inventory", re.I)
 # ALFWorld's replies to a successful change of an object's state: "You heat the egg 1 using the microwave 1."
 _CHANGE = re.compile(r"you (heat|cool|clean|slice) the (.+?) (?:using|with) the", re.I)
-_PAST = {"heat": "heated", "cool": "cooled", "clean": "cleaned", "slice": "sliced"}
+PAST = {"heat": "heated", "cool": "cooled", "clean": "cleaned", "slice": "sliced"}
 _NAV = ("go to", "open", "close", "look", "examine", "inventory", "teleport to", "focus on", "wait")
 _FAILED = ("nothing happens", "i'm not sure", "no known action", "you can't", "that's not", "it's not")
 _ARTICLE = re.compile(r"^(?:a|an|the|some)\s+", re.I)
@@ -135,7 +135,7 @@ class EpisodeMemory:
                 self.searched[dst] = self.searched[dst] + [obj]
         m = _CHANGE.search(observation)
         if m:
-            self.changed.setdefault(m.group(2), []).append(_PAST[m.group(1).lower()])
+            self.changed.setdefault(m.group(2), []).append(PAST[m.group(1).lower()])
         if not low_a.startswith(_NAV) and not low_o.startswith(_FAILED) and low_o:
             self.done.append(action)
 
@@ -166,15 +166,17 @@ class EpisodeMemory:
             seen = "unvisited"
         return count, there, seen
 
-    def undo_note(self, action: str) -> str:
+    def undo_note(self, action: str, changed_ok: bool = False) -> str:
         """'; puts it back where it was taken' for a put of a held object onto the place it came from, and
         '; takes back what it put there' for a take of an object the agent put there itself ('' otherwise).
         A policy cloned from an expert that never undoes anything learned "put <goal object>" as a good action
         and, right after picking the goal object up, put it back where it lay (33 of 39 such train states
-        wrong, measured): the undo is only visible by matching the place against the history, so it is said."""
+        wrong, measured): the undo is only visible by matching the place against the history, so it is said.
+        `changed_ok` (notes v4): a put of an object heated / cleaned / ... since is no undo (an apple taken off the
+        dining table it must end on, then heated, goes back there)."""
         a = action.strip().lower()
         m = _PUT_ACTION.match(a)
-        if m and self.source.get(m.group(1)) == m.group(2):
+        if m and self.source.get(m.group(1)) == m.group(2) and not (changed_ok and m.group(1) in self.changed):
             return "; puts it back where it was taken"
         m = _TAKE_ACTION.match(a)
         if m and self.placed.get(m.group(1)) == m.group(2):
