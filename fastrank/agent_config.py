@@ -23,6 +23,9 @@ class AgentConfig:
     avoid_repeats: bool = True  # the policy takes its best action not yet taken from the same observation, in
     # rollouts and evaluations alike (agent-eval's ALFWorld default), so DAgger labels the states it really visits
     batch_size: int = 8  # games in lockstep, scored in one batch
+    search_labels: str = "expert"  # DAgger rounds (beta < 1): "expert" labels every state; "inferable" skips the
+    # expert's "go to X" while the agent holds no goal object: it goes straight to where the object is, which no
+    # state the agent has seen predicts (fastrank.dagger.inferable)
     eval_games: int = 12  # fixed train games (not rolled out for data) played by the policy after each round
     # training
     max_negatives: int = 15  # admissible actions beside the expert's in a training set
@@ -48,6 +51,7 @@ class AgentConfig:
     final_eval_games: int = 0  # 0: skip; -1: every game of the split
     # ScienceWorld recipe (recipes/agent_scienceworld.py) only
     sw_episodes_per_task: int = 3  # ETO train gold paths replayed per task (24 tasks) for behaviour cloning
+    sw_valid_sample: int = 300  # valid actions kept per replayed state (verb-stratified; 100000: all, ~1,700)
     # WebShop recipe (recipes/agent_webshop.py) only
     ws_runs_per_goal: int = 2  # reward-teacher episodes per leak-free goal (run 0 without detours)
     ws_detour_prob: float = 0.3  # per results / item page of runs 1+: a detour taken first (recovery states)

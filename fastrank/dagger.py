@@ -98,14 +98,28 @@ def labelled_set(slot: Slot, label: str, max_negatives: int, rng: random.Random,
                         history=[list(t) for t in slot.memory.turns])
 
 
+def inferable(slot: Slot, label: str) -> bool:
+    """False for the expert's ``go to X`` while the agent holds nothing the goal asks for: the handcoded expert knows
+    where every object lies and walks straight there, a choice no history predicts. As DAgger labels in the
+    policy's off-course states those taught it to leave the place it was searching for an arbitrary other (two
+    DAgger rounds lowered the fixed train games won: README). Goals without roles (`goal_roles`) keep every label."""
+    from fastrank.data.goal_roles import goal_roles
+
+    roles = goal_roles(slot.state.goal)
+    if roles is None or not label.startswith("go to "):
+        return True
+    return any(roles.role(obj) == "goal object" for obj in slot.memory.holding)
+
+
 def collect(ranker, make_env, games: list, beta: float, cfg: AgentConfig, seed: int, desc: str):
     """Play `games` with the beta-mixture; (labelled sets, rollout)."""
     rng = random.Random(seed)
     sets: list[CandidateSet] = []
+    skip_search = beta < 1 and cfg.search_labels == "inferable"
 
     def on_state(slot: Slot, scores: dict[str, float] | None) -> dict:
         label = expert_label(slot.state)
-        if label is not None:
+        if label is not None and not (skip_search and not inferable(slot, label)):
             sets.append(labelled_set(slot, label, cfg.max_negatives, rng, scores))
         return {"label": label}
 
@@ -230,6 +244,8 @@ def run_dagger(cfg: AgentConfig) -> dict:
 
     if cfg.output_round not in ("best", "last"):
         raise ValueError(f"output_round must be 'best' or 'last', not {cfg.output_round!r}")
+    if cfg.search_labels not in ("expert", "inferable"):
+        raise ValueError(f"search_labels must be 'expert' or 'inferable', not {cfg.search_labels!r}")
     if cfg.loss not in ("listwise", "pairwise"):
         raise ValueError(f"loss must be 'listwise' or 'pairwise', not {cfg.loss!r}")
     if len(cfg.episodes) != len(cfg.betas):

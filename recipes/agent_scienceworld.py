@@ -27,7 +27,7 @@ def build_sets(cfg: AgentConfig, out: Path):
     from fastrank.data.scienceworld_agent import agent_sets, gold_file_steps, replay_steps, train_pairs
 
     pairs = train_pairs(cfg.sw_episodes_per_task)  # seed 0, not cfg.seed: the data (and its cache) stay put
-    res = replay_steps(pairs, out / "replay.cache.jsonl")
+    res = replay_steps(pairs, out / "replay.cache.jsonl", n_sample=cfg.sw_valid_sample)
     print(res)
     sets, stats = agent_sets(res.steps + gold_file_steps(), max_negatives=cfg.max_negatives,
                              max_sets_per_episode=MAX_SETS_PER_EPISODE, seed=cfg.seed)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastrank.agent_config import AgentConfig
-from fastrank.dagger import agreement, collect, expert_label, labelled_set
+from fastrank.dagger import agreement, collect, expert_label, inferable, labelled_set
 from fastrank.data.history import EpisodeMemory
 from fastrank.envs.base import EnvState
 
@@ -52,6 +52,24 @@ def test_labelled_set_puts_the_label_among_admissible_negatives_with_history():
                                       {"by": "policy", "action": "b", "label": "a"},
                                       {"by": "expert", "action": "c", "label": "d"},
                                       {"by": "policy", "action": "e", "label": None}]}]) == 0.5
+
+
+def test_search_labels_inferable_skips_the_experts_go_to_while_nothing_asked_for_is_held():
+    goal = "put a hot apple in fridge."
+    searching = EpisodeMemory.from_turns([("go to countertop 1", "On the countertop 1, you see a bread 1.")])
+    holding = EpisodeMemory.from_turns([("go to countertop 1", "On the countertop 1, you see a apple 1."),
+                                        ("take apple 1 from countertop 1", "You pick up the apple 1 from the countertop 1.")])
+    wrong = EpisodeMemory.from_turns([("go to countertop 1", "On the countertop 1, you see a bread 1."),
+                                      ("take bread 1 from countertop 1", "You pick up the bread 1 from the countertop 1.")])
+
+    def slot(mem, g=goal):
+        return SimpleNamespace(state=EnvState("obs", g, ["go to microwave 1"], "t"), memory=mem)
+
+    assert not inferable(slot(searching), "go to cabinet 3")  # where the apple lies: only the expert knows
+    assert not inferable(slot(wrong), "go to cabinet 3")  # a bread is not what the goal asks for
+    assert inferable(slot(searching), "open drawer 1") and inferable(slot(searching), "take bread 1 from countertop 1")
+    assert inferable(slot(holding), "go to microwave 1")  # with the apple in hand: the appliance, the target
+    assert inferable(slot(searching, "Your task is to boil water."), "go to kitchen")  # no roles: every label
 
 
 def test_expert_states_get_the_actions_naming_goal_words_as_hard_negatives():
