@@ -59,6 +59,12 @@ def test_history_featurizer_puts_the_listing_beside_the_id_and_leaves_alfworld_t
     _, off = Featurizer("history").texts(sized, "size [SEP] large [SEP] x-large", ["click[xx-large]", "click[buy now]"], [])
     assert off == ["action: click[xx-large] (new; not on this page; goal names: large)",
                    "action: click[buy now] (new; not on this page)"]
+    # v5: a search on a page without the search box is not there either (v2-v4 did not say so)
+    results = "Back to Search [SEP] Page 1 (Total results: 50) [SEP] Next > [SEP] B0743JKHBV [SEP] Pillow [SEP] $9.99"
+    search_page = "WebShop [SEP] Search"
+    for n, obs, marked in ((4, results, False), (5, results, True), (5, search_page, False)):
+        _, acts = Featurizer("history", notes=n).texts(sized, obs, ["search[black bar stool]"], [])
+        assert ("not on this page" in acts[0]) is marked, (n, obs)
     _, alf = Featurizer("history").texts("put a book on sidetable", "You see a book 3.", ["take book 3 from desk 1"], [])
     assert alf == ["action: take book 3 from desk 1 (new; goal object)"]  # ALFWorld's goals parse into roles
 

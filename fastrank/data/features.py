@@ -30,8 +30,9 @@ FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 # "takes back what it put there" (`EpisodeMemory.undo_note`) and WebShop's "not on this page"; 3 = the role each
 # goal word plays in the action (`fastrank.data.goal_roles`: goal object / goal target / the change asked) in place
 # of "goal names" where the goal and the action parse, and no empty parts; 4 = + "not heated yet" on a put of the goal
-# object into the goal target before the change the goal asks.
-NOTES_VERSION = 4
+# object into the goal target before the change the goal asks; 5 = + "not on this page" for a `search[...]` on a WebShop
+# page without the search box.
+NOTES_VERSION = 5
 
 
 def words(text: str) -> list[str]:
@@ -124,7 +125,7 @@ class Featurizer:
                         + (f"; goal names: {' '.join(named)}" if named else "") + (f"; {verbatim}" if verbatim else ""))
             else:  # what decides first: a candidate's token budget cuts the note from the end
                 count_note = mem.annotation_parts(a)[0] + mem.undo_note(a, changed_ok=self.notes >= 4) + (
-                    "; not on this page" if off_page(observation, a) else "")
+                    "; not on this page" if off_page(observation, a, searches=self.notes >= 5) else "")
                 note = "; ".join(p for p in (count_note, head, *self._goal_parts(mem, roles, goal_words, a, named,
                                                                                    verbatim)) if p)
             out.append(f"action: {a.strip()} ({note})" + (f" {title}" if title else ""))

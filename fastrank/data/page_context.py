@@ -58,13 +58,21 @@ def verbatim_in(goal: str, action: str) -> bool:
     return bool(arg) and _phrase_in(arg, goal)
 
 
-def off_page(observation: str, action: str) -> bool:
+def off_page(observation: str, action: str, searches: bool = False) -> bool:
     """A click on a WebShop page (``[SEP]``-separated) whose argument the page does not show: a button that is
     not there. The environment rejects it; the paper's `sampled` candidate sets are full of them (other
     states' actions), and a reranker that was only ever shown a page's own clickables cannot tell them from
-    real buttons, where the lexical floor wins by noticing their words are missing (README, *WebShop*)."""
+    real buttons, where the lexical floor wins by noticing their words are missing (README, *WebShop*).
+    `searches` (notes v5): also a ``search[...]`` on a page without the search box (only the search page ends
+    in a ``Search`` button; results and item pages have "Back to Search"): the v2 WebShop model's most common
+    `sampled` error on results pages after "< prev" (53 of 600 sets: it re-ran the episode's own query where
+    the expert paged on)."""
+    if SEP not in observation:
+        return False
+    if searches and action.strip().startswith("search["):
+        return "Search" not in (seg.strip() for seg in observation.split(SEP))
     arg = click_arg(action)
-    return arg is not None and SEP in observation and not _phrase_in(arg, observation)
+    return arg is not None and not _phrase_in(arg, observation)
 
 
 def budget(goal: str) -> float | None:
