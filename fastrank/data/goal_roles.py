@@ -59,9 +59,6 @@ class GoalRoles:
         h = _head(arg)
         return "goal object" if h in self.objects else "goal target" if h in self.targets else ""
 
-    def names(self, arg: str) -> bool:
-        return bool(self.role(arg))
-
     def action_roles(self, action: str, changed: Mapping[str, Sequence[str]] | None = None) -> str | None:
         """The role note of one action ('' = nothing the goal names; None = the action does not parse).
 
