@@ -14,6 +14,7 @@ candidate count, chosen action, its score and the runners-up) so failures can be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import time
@@ -171,7 +172,8 @@ def _play(args: argparse.Namespace, shard: int, workers: int, threads: int | Non
     idx = list(range(shard, len(tasks), workers))
     ranker = Reranker.from_pretrained(args.checkpoint)
     batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
-    bf16 = torch.autocast(ranker.device.type, dtype=torch.bfloat16, enabled=getattr(args, "bf16", False))
+    bf16 = (torch.autocast(ranker.device.type, dtype=torch.bfloat16) if getattr(args, "bf16", False)
+            else contextlib.nullcontext())
     with bf16, open(log_path, "w", encoding="utf-8") as log:  # each episode as it ends: a stopped run keeps them
         def on_episode(ep: dict) -> None:
             log.write(json.dumps(ep) + "\n")
