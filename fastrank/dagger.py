@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from fastrank.agent_config import AgentConfig
 from fastrank.data.features import goal_stems, named_words
+from fastrank.data.goal_roles import goal_roles
 from fastrank.data.record import CandidateSet, read_records, write_records
 from fastrank.ops import listwise_rank_loss, pairwise_rank_loss
 from fastrank.packing import TokenBudgetBatchSampler
@@ -103,8 +104,6 @@ def inferable(slot: Slot, label: str) -> bool:
     where every object lies and walks straight there, a choice no history predicts. As DAgger labels in the
     policy's off-course states those taught it to leave the place it was searching for an arbitrary other (two
     DAgger rounds lowered the fixed train games won: README). Goals without roles (`goal_roles`) keep every label."""
-    from fastrank.data.goal_roles import goal_roles
-
     roles = goal_roles(slot.state.goal)
     if roles is None or not label.startswith("go to "):
         return True

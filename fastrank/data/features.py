@@ -124,29 +124,28 @@ class Featurizer:
                 note = (mem.annotate(a, there) + (f"; {head}" if head else "")
                         + (f"; goal names: {' '.join(named)}" if named else "") + (f"; {verbatim}" if verbatim else ""))
             else:  # what decides first: a candidate's token budget cuts the note from the end
-                count_note = mem.annotation_parts(a)[0] + mem.undo_note(a, changed_ok=self.notes >= 4) + (
+                count, _, seen = mem.annotation_parts(a)
+                count += mem.undo_note(a, changed_ok=self.notes >= 4) + (
                     "; not on this page" if off_page(observation, a, searches=self.notes >= 5) else "")
-                note = "; ".join(p for p in (count_note, head, *self._goal_parts(mem, roles, goal_words, a, named,
-                                                                                   verbatim)) if p)
+                note = "; ".join(p for p in (count, head, *self._goal_parts(mem, roles, goal_words, a, named, verbatim),
+                                             seen) if p)
             out.append(f"action: {a.strip()} ({note})" + (f" {title}" if title else ""))
         return state, out
 
     def _goal_parts(self, mem, roles, goal_words, action, named, verbatim) -> tuple[str, ...]:
-        """(what the goal says about the action, what is at its place that the goal asks for, what else is there)."""
-        seen = mem.annotation_parts(action)[2]
-        if self.notes == 2:  # v2's text, empty middle part included: v2 models were trained on "new; ; verbatim"
-            there = [o for o in mem.seen_items(action) if named_words(goal_words, o)]
-            goal_note = (f"goal names: {' '.join(named)}" if named else "") + (f"; {verbatim}" if verbatim else "")
-            return goal_note, mem.annotation_parts(action, there)[1], seen
+        """What the goal says about the action, then what lies at its place that the goal asks for (notes >= 2)."""
         role_note = roles.action_roles(action, mem.changed if self.notes >= 4 else None) if roles is not None else None
-        if role_note is None:
+        if role_note is None:  # no roles (notes 2, or a goal / action that does not parse): the goal's words
             goal_note = f"goal names: {' '.join(named)}" if named else ""
             there = [o for o in mem.seen_items(action) if named_words(goal_words, o)]
-            return (goal_note, verbatim, f"goal items there: {', '.join(there)}" if there else "", seen)
+            items = f"goal items there: {', '.join(there)}" if there else ""
+            if self.notes == 2:  # v2 models were trained on the mark inside this part: "new; ; verbatim in goal"
+                return goal_note + (f"; {verbatim}" if verbatim else ""), items
+            return goal_note, verbatim, items
         items = mem.seen_items(action)
         found = [f"{r} there: {', '.join(o for o in items if roles.role(o) == r)}"
                  for r in ("goal object", "goal target") if any(roles.role(o) == r for o in items)]
-        return (role_note, verbatim, *found, seen)
+        return (role_note, verbatim, *found)
 
     def state_text(self, goal: str, observation: str, history=None) -> str:
         return self.texts(goal, observation, [], history)[0]
