@@ -1,6 +1,8 @@
 """Shared-prefix layout (fastrank/prefix.py): the state once per set, each candidate attending to it."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig
@@ -20,11 +22,12 @@ def models():
     torch.manual_seed(0)
     out = {}
     for impl in ("sdpa", "eager"):
-        m = Reranker.from_config(cfg, tok, featurizer=Featurizer("history"), max_length=64,
+        m = Reranker.from_config(copy.deepcopy(cfg), tok, featurizer=Featurizer("history"), max_length=64,
                                  layout="shared_prefix", attn_implementation=impl)
         if out:
             m.load_state_dict(out["sdpa"].state_dict())
         out[impl] = m.eval()
+    assert out["sdpa"].encoder.config._attn_implementation != out["eager"].encoder.config._attn_implementation
     return out
 
 
@@ -130,3 +133,4 @@ def test_bf16_autocast_scores_are_fp32_and_close_to_fp32(models):
     assert got.dtype == torch.float32
     assert not torch.equal(got, ref)  # bf16 did run
     torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+

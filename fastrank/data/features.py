@@ -17,13 +17,13 @@ features off a long observation.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from fastrank.data.goal_roles import goal_roles
+from fastrank.data.words import stem as _stem
+from fastrank.data.words import words
 from fastrank.data.page_context import listing_text, off_page, page_listing, verbatim_in
 
-_WORD = re.compile(r"[a-z0-9]+")
 FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 # The ``history`` mode's candidate notes, versioned so a saved model reads the text it was trained on:
 # 1 = new/taken, places, goal names, listing, verbatim in goal; 2 = + "puts it back where it was taken" /
@@ -35,17 +35,9 @@ FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 NOTES_VERSION = 5
 
 
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
 # words that say nothing about what an action is about (for the goal match of the ``history`` mode)
 _FUNCTION_WORDS = {"a", "an", "the", "to", "from", "in", "on", "with", "at", "of", "into", "onto", "and", "or",
                    "go", "take", "put", "open", "close", "look", "examine", "use", "for", "me", "find", "by"}
-
-
-def _stem(w: str) -> str:
-    return w[:-1] if len(w) > 3 and w.endswith("s") else w  # "cellphones" in a goal names "cellphone 1"
 
 
 def goal_stems(goal: str) -> set[str]:

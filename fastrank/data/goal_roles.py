@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from fastrank.data.history import PAST
+from fastrank.data.words import stem as _stem
+from fastrank.data.words import words
 
-_WORD = re.compile(r"[a-z0-9]+")
 _MAX_GOAL_WORDS = 12  # longer goals are requests or task descriptions, not "<verb> <object> <prep> <target>"
 # greedy object part: the split is at the *last* place preposition ("clean some mug and put it in X")
 _GOAL = re.compile(r"^(?P<obj>.+)\s+(?:in|on|into|onto|under|with|in/on)\s+(?:the\s+|a\s+|some\s+)?(?P<target>[^.]+?)\.?$")
@@ -35,17 +36,13 @@ CHANGES = {"hot": "heat", "heat": "heat", "heated": "heat", "warm": "heat", "coo
 _FILLER = {"a", "an", "the", "some", "two", "it", "them", "and", "put", "find", "look", "at", "examine"}
 
 
-def _stem(w: str) -> str:
-    return w[:-1] if len(w) > 3 and w.endswith("s") else w
-
-
 def _nouns(text: str) -> set[str]:
-    return {_stem(w) for w in _WORD.findall(text.lower()) if w not in _FILLER and w not in CHANGES and not w.isdigit()}
+    return {_stem(w) for w in words(text) if w not in _FILLER and w not in CHANGES and not w.isdigit()}
 
 
 def _head(arg: str) -> str:
     """'cup 3' -> 'cup', 'red wire' -> 'wire': the last word that is not a number."""
-    ws = [w for w in _WORD.findall(arg.lower()) if not w.isdigit()]
+    ws = [w for w in words(arg) if not w.isdigit()]
     return _stem(ws[-1]) if ws else ""
 
 
@@ -92,7 +89,7 @@ class GoalRoles:
 def goal_roles(goal: str) -> GoalRoles | None:
     """The roles of a short "<object part> <prep> <target>" goal, else None (see the module docstring)."""
     g = goal.strip().lower()
-    if len(_WORD.findall(g)) > _MAX_GOAL_WORDS:
+    if len(words(g)) > _MAX_GOAL_WORDS:
         return None
     m = _GOAL.match(g)
     if not m:
@@ -100,5 +97,5 @@ def goal_roles(goal: str) -> GoalRoles | None:
     objects, targets = _nouns(m.group("obj")), _nouns(m.group("target"))
     if not objects or not targets:
         return None
-    changes = [CHANGES[w] for w in _WORD.findall(m.group("obj")) if w in CHANGES]
+    changes = [CHANGES[w] for w in words(m.group("obj")) if w in CHANGES]
     return GoalRoles(frozenset(objects), frozenset(targets - objects), changes[0] if changes else None)
