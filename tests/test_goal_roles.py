@@ -79,3 +79,25 @@ def test_v4_says_a_put_on_the_target_comes_before_the_change_and_that_it_is_no_u
     # no change asked: nothing pending
     plain = Featurizer("history").texts("put a apple in diningtable.", turns[-1][1], put, turns)[1][0]
     assert "yet" not in plain and "puts it back" in plain
+
+
+def test_v6_says_what_each_held_object_is_to_the_goal_and_older_versions_keep_their_state_text():
+    """The v4 policy carried the goal object straight to the target in 51 of its 61 lost change games."""
+    turns = [("go to diningtable 2", "On the diningtable 2, you see a apple 1, and a mug 1."),
+             ("take apple 1 from diningtable 2", "You pick up the apple 1 from the diningtable 2."),
+             ("take mug 1 from diningtable 2", "You pick up the mug 1 from the diningtable 2.")]
+    goal = "heat some apple and put it in diningtable."
+    state = {n: Featurizer("history", notes=n).state_text(goal, turns[-1][1], turns) for n in (5, 6)}
+    assert "holding: apple 1, mug 1 |" in state[5]
+    assert "holding: apple 1 (goal object, not heated yet), mug 1 |" in state[6]  # the mug is nothing to the goal
+    assert state[6].replace(" (goal object, not heated yet)", "") == state[5]
+    heated = turns + [("go to microwave 1", "The microwave 1 is closed."),
+                      ("heat apple 1 with microwave 1", "You heat the apple 1 using the microwave 1.")]
+    assert "holding: apple 1 (heated), mug 1" in Featurizer("history", notes=5).state_text(goal, "", heated)
+    assert "holding: apple 1 (heated, goal object), mug 1" in Featurizer("history", notes=6).state_text(goal, "", heated)
+    # no change asked, or a goal without roles (WebShop requests): no pending change, the v5 text
+    plain = Featurizer("history", notes=6).state_text("put a apple in diningtable.", "", turns)
+    assert "apple 1 (goal object), mug 1" in plain
+    long_goal = "i need a long clear request for a red apple and a mug that costs under 30 dollars in the shop"
+    assert (Featurizer("history", notes=6).state_text(long_goal, "", turns)
+            == Featurizer("history", notes=5).state_text(long_goal, "", turns))

@@ -31,8 +31,9 @@ FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 # goal word plays in the action (`fastrank.data.goal_roles`: goal object / goal target / the change asked) in place
 # of "goal names" where the goal and the action parse, and no empty parts; 4 = + "not heated yet" on a put of the goal
 # object into the goal target before the change the goal asks; 5 = + "not on this page" for a `search[...]` on a WebShop
-# page without the search box.
-NOTES_VERSION = 5
+# page without the search box; 6 = the state's ``holding:`` says what each held object is to the goal: "tomato 4
+# (goal object, not heated yet)" (`GoalRoles.held_note`).
+NOTES_VERSION = 6
 
 
 # words that say nothing about what an action is about (for the goal match of the ``history`` mode)
@@ -101,9 +102,10 @@ class Featurizer:
         from fastrank.data.history import EpisodeMemory
 
         mem = EpisodeMemory.from_turns(history or [])
-        state += f" history: {mem.summary() or 'none'}"
-        goal_words = goal_stems(goal)
         roles = goal_roles(goal) if self.notes >= 3 else None
+        held = (lambda o: roles.held_note(o, mem.changed)) if roles is not None and self.notes >= 6 else None
+        state += f" history: {mem.summary(held) or 'none'}"
+        goal_words = goal_stems(goal)
         listing = page_listing(observation)
         out = []
         for a in candidates:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 Turn = tuple[str, str]  # (action, the observation it produced)
 
@@ -183,14 +183,17 @@ class EpisodeMemory:
             return "; takes back what it put there"
         return ""
 
-    def _held(self, obj: str) -> str:
-        return f"{obj} ({', '.join(self.changed[obj])})" if obj in self.changed else obj
+    def _held(self, obj: str, note: Callable[[str], str] | None) -> str:
+        parts = list(self.changed.get(obj, ())) + ([n] if note is not None and (n := note(obj)) else [])
+        return f"{obj} ({', '.join(parts)})" if parts else obj
 
-    def summary(self) -> str:
-        """The history text, newest first in every part ('' before the first step)."""
+    def summary(self, held_note: Callable[[str], str] | None = None) -> str:
+        """The history text, newest first in every part ('' before the first step). `held_note`: object -> what
+        it is to the goal, said after each held object (notes v6, `GoalRoles.held_note`)."""
         if not self.turns:
             return ""
-        parts = [f"holding: {', '.join(self._held(o) for o in self.holding) if self.holding else 'nothing'}"]
+        held = ', '.join(self._held(o, held_note) for o in self.holding) if self.holding else 'nothing'
+        parts = [f"holding: {held}"]
         if self.done:
             parts.append("done: " + "; ".join(reversed(self.done[-self.max_done:])))
         recent = [f"{a} -> {_first_words(o, self.obs_words)}" for a, o in reversed(self.turns[-self.max_recent:])]
