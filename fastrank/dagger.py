@@ -179,9 +179,12 @@ def fit(model, sets: list[CandidateSet], cfg: AgentConfig, accelerator: Accelera
         epoch += 1
     bar.close()
     ddp.eval()
+    # the curve, ten-step means: a fit that sat at the uniform loss (ln of the set size) or fell back to it
+    # is told apart from one that learned (measured: two WebShop runs of one recipe, 0.54 and 0.80 final loss)
+    curve = [round(sum(losses[i:i + 10]) / len(losses[i:i + 10]), 3) for i in range(0, len(losses), 10)]
     return {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "sets": len(sets),
             "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4),
-            "train_top1": round(sum(hits_all[-10:]) / max(1, len(hits_all[-10:])), 3)}
+            "train_top1": round(sum(hits_all[-10:]) / max(1, len(hits_all[-10:])), 3), "loss_curve": curve}
 
 
 def pick_round(rounds: list[dict]) -> int:

@@ -68,7 +68,7 @@ def write_report(results: dict, out: Path) -> Path:
              f"goals ({d['detours']} detours; teacher {d['teacher_mean_score']:.1f} / {d['teacher_success']:.1%} on "
              f"them), {results['trained_sets']} trained on; sets per page {d['sets_by_page']}.", "",
              f"Training: {tr['steps']} steps, {tr['seconds']:.0f} s, final loss {tr['final_loss']}, "
-             f"train top-1 {tr['train_top1']}.", ""]
+             f"train top-1 {tr['train_top1']}; loss every 10 steps: {tr.get('loss_curve', 'not recorded')}.", ""]
     if ev:
         lines += [f"## Test goals: {ev['episodes']} (SPEC §10), {results['max_steps']} steps", "",
                   "| policy | mean score | success |", "|---|---|---|",
