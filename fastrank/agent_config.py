@@ -10,6 +10,7 @@ class AgentConfig:
     model: str = "minilm"  # preset (minilm, deberta-v3-base, ...), hub id or folder
     init_from: str | None = None  # a saved Reranker to start from instead of `model`
     feature_mode: str = "history"  # goal + observation + episode summary (fastrank.data.history)
+    notes: int | None = None  # the history mode's notes version (fastrank.data.features.NOTES_VERSION); None: latest
     layout: str = "shared_prefix"  # shared_prefix (fast; BERT-family) | pairs (the paper's cross-encoder)
     max_length: int = 256  # state tokens (the history is cut first, oldest first)
     max_action_tokens: int = 32  # shared-prefix layout: tokens per candidate (action + its note), cut beyond

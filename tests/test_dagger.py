@@ -198,3 +198,14 @@ def test_the_output_is_the_round_that_won_most_train_games():
     assert pick_round([r(0, 0.5625, 0.18), r(1, 0.5, 0.10)]) == 0  # more games won beats fewer repeats
     assert pick_round([r(0, 0.5, 0.30), r(1, 0.5, 0.10), r(2, 0.25, 0.0)]) == 1  # a tie: fewer repeats
     assert pick_round([r(0, 0.5, 0.1), r(1, 0.5, 0.1)]) == 1  # a full tie: the later round
+
+
+def test_notes_key_pins_the_featurizer_version_of_a_fresh_model():
+    """A recipe's figures come from one notes version; `notes:` keeps a YAML on it when the default moves on."""
+    from fastrank.dagger import agent_model
+    from fastrank.data.features import NOTES_VERSION
+
+    assert agent_model(AgentConfig(notes=4), torch.device("cpu")).featurizer.notes == 4
+    assert agent_model(AgentConfig(), torch.device("cpu")).featurizer.notes == NOTES_VERSION
+    with pytest.raises(ValueError, match="notes version"):
+        agent_model(AgentConfig(notes=NOTES_VERSION + 1), torch.device("cpu"))
