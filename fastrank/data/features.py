@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastrank.data.goal_roles import goal_roles
+from fastrank.data.page_context import listing_text, off_page, page_listing, verbatim_in
 from fastrank.data.words import stem as _stem
 from fastrank.data.words import words
-from fastrank.data.page_context import listing_text, off_page, page_listing, verbatim_in
 
 FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 # The ``history`` mode's candidate notes, versioned so a saved model reads the text it was trained on:
