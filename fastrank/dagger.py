@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from fastrank.agent_config import AgentConfig
-from fastrank.data.features import goal_stems, named_words
+from fastrank.data.features import NOTES_VERSION, goal_stems, named_words
 from fastrank.data.goal_roles import goal_roles
 from fastrank.data.record import CandidateSet, read_records, write_records
 from fastrank.ops import listwise_rank_loss, pairwise_rank_loss
@@ -56,9 +56,8 @@ def agent_model(cfg: AgentConfig, device):
 
     torch.manual_seed(cfg.seed)
     model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
-        cfg.model, featurizer=Featurizer(cfg.feature_mode, **({} if cfg.notes is None else {"notes": cfg.notes})),
-        max_length=cfg.max_length, layout=cfg.layout,
-        max_action_tokens=cfg.max_action_tokens)
+        cfg.model, featurizer=Featurizer(cfg.feature_mode, notes=NOTES_VERSION if cfg.notes is None else cfg.notes),
+        max_length=cfg.max_length, layout=cfg.layout, max_action_tokens=cfg.max_action_tokens)
     if cfg.attention_dropout is not None:
         model.set_attention_dropout(cfg.attention_dropout)
     return model.to(device)

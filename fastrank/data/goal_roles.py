@@ -64,9 +64,11 @@ class GoalRoles:
         actions; said beside what is held, every expert state between `take` and the change reads it."""
         if self.role(obj) != "goal object":
             return ""
-        if self.change and PAST[self.change] not in changed.get(obj, ()):
-            return f"goal object, not {PAST[self.change]} yet"
-        return "goal object"
+        return ", ".join(p for p in ("goal object", self.pending(obj, changed)) if p)
+
+    def pending(self, obj: str, changed: Mapping[str, Sequence[str]]) -> str:
+        """"not heated yet" while the change the goal asks has not been done to `obj` ('' if none is asked or done)."""
+        return f"not {PAST[self.change]} yet" if self.change and PAST[self.change] not in changed.get(obj, ()) else ""
 
     def action_roles(self, action: str, changed: Mapping[str, Sequence[str]] | None = None) -> str | None:
         """The role note of one action ('' = nothing the goal names; None = the action does not parse).
@@ -90,9 +92,8 @@ class GoalRoles:
             ry = self.role(y)
             if ry:
                 parts.append(f"{prep} {ry}")
-            if (changed is not None and verb == "put" and self.change and rx == "goal object" and ry == "goal target"
-                    and PAST[self.change] not in changed.get(x, ())):
-                parts.append(f"not {PAST[self.change]} yet")
+            if changed is not None and verb == "put" and rx == "goal object" and ry == "goal target":
+                parts.append(self.pending(x, changed))
         if verb in ("heat", "cool", "clean", "slice"):
             parts.append("the change the goal asks" if verb == self.change else "a change the goal does not ask")
         return ", ".join(p for p in parts if p)
