@@ -54,7 +54,8 @@ class AgentConfig:
     sw_episodes_per_task: int = 3  # ETO train gold paths replayed per task (24 tasks) for behaviour cloning
     sw_valid_sample: int = 300  # valid actions kept per replayed state (verb-stratified; 100000: all, ~1,700)
     # WebShop recipe (recipes/agent_webshop.py) only
-    ws_runs_per_goal: int = 2  # reward-teacher episodes per leak-free goal (run 0 without detours)
+    ws_teacher: str = "reward"  # reward (reads the hidden reward) | readable (decides on what the pages show)
+    ws_runs_per_goal: int = 2  # teacher episodes per leak-free goal (run 0 without detours)
     ws_detour_prob: float = 0.3  # per results / item page of runs 1+: a detour taken first (recovery states)
     ws_sampled: int = 0  # per training set, other episodes' teacher actions added as distractors (`sampled` mode)
     max_candidates: int = 64  # evaluation: bound on the valid-action list offered (agent-eval --max-candidates)

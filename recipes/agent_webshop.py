@@ -20,22 +20,27 @@ from fastrank.config import recipe_config
 
 
 def reference_policies(goals: list[int], max_steps: int) -> dict:
-    """The README's reference policies and the reward teacher (an oracle: it reads the reward) on `goals`."""
-    from fastrank.data.webshop_agent import teacher_action
+    """The README's reference policies and the two teachers on `goals`: the reward teacher (an oracle: it reads
+    the reward) and the readable one (it reads the pages only)."""
+    from fastrank.data.webshop_agent import readable_teacher_action, teacher_action
     from fastrank.envs.webshop import WebShopEnv
     from fastrank.envs.webshop_expert import baselines
 
     env = WebShopEnv()
     out = baselines(goals, env=env)
-    rewards = []
-    for g in goals:
-        state, steps = env.reset(g), 0
-        while not state.done and steps < max_steps and (a := teacher_action(env, state)) is not None:
-            state, steps = env.step(a), steps + 1
-        rewards.append(state.reward if state.done else 0.0)
-    n = max(1, len(rewards))
-    out["reward_teacher"] = {"episodes": len(rewards), "mean_score": 100 * sum(rewards) / n,
-                             "success_rate": sum(r == 1.0 for r in rewards) / n}
+    teachers = {"reward_teacher": lambda state, turns: teacher_action(env, state),
+                "readable_teacher": lambda state, turns: readable_teacher_action(env, state, turns)}
+    for name, act in teachers.items():
+        rewards = []
+        for g in goals:
+            state, turns = env.reset(g), []
+            while not state.done and len(turns) < max_steps and (a := act(state, turns)) is not None:
+                state = env.step(a)
+                turns.append((a, state.observation))
+            rewards.append(state.reward if state.done else 0.0)
+        n = max(1, len(rewards))
+        out[name] = {"episodes": len(rewards), "mean_score": 100 * sum(rewards) / n,
+                     "success_rate": sum(r == 1.0 for r in rewards) / n}
     return out
 
 
@@ -64,7 +69,7 @@ def click_state_net_gain(model, accelerator, max_tokens: int, n: int | None = CL
 def write_report(results: dict, out: Path) -> Path:
     d, tr, ev = results["data"], results["train"], results.get("eval")
     lines = ["# Agent recipe: behaviour cloning in WebShop", "",
-             f"Data: {d['sets']} sets from {d['episodes']} reward-teacher episodes over {results['goals']} leak-free "
+             f"Data: {d['sets']} sets from {d['episodes']} {results['config']['ws_teacher']}-teacher episodes over {results['goals']} leak-free "
              f"goals ({d['detours']} detours; teacher {d['teacher_mean_score']:.1f} / {d['teacher_success']:.1%} on "
              f"them), {results['trained_sets']} trained on; sets per page {d['sets_by_page']}.", "",
              f"Training: {tr['steps']} steps, {tr['seconds']:.0f} s, final loss {tr['final_loss']}, "
@@ -105,7 +110,7 @@ def main(cfg: AgentConfig) -> dict:
     env = WebShopEnv()
     goals = leak_free_goals(env)
     sets, stats = teacher_sets(goals, runs_per_goal=cfg.ws_runs_per_goal, detour_prob=cfg.ws_detour_prob,
-                               seed=cfg.seed, env=env)
+                               seed=cfg.seed, env=env, teacher=cfg.ws_teacher)
     accelerator.print(json.dumps(stats.as_dict()))
     train_sets = with_sampled_distractors(sets, cfg.ws_sampled, seed=cfg.seed)
     if cfg.max_train_sets and len(train_sets) > cfg.max_train_sets:

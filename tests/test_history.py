@@ -95,7 +95,7 @@ def test_notes_version_1_keeps_the_old_text_and_version_2_puts_what_decides_firs
     with pytest.raises(ValueError, match="notes version"):
         Featurizer("history", notes=9)
     path = _tiny("shared_prefix").save_pretrained(tmp_path / "latest")
-    assert Reranker.from_pretrained(path).featurizer.notes == NOTES_VERSION == 6
+    assert Reranker.from_pretrained(path).featurizer.notes == NOTES_VERSION == 7
     meta = json.loads((path / "fastrank.json").read_text())
     del meta["featurizer"]["notes"]  # a checkpoint saved before the field
     (path / "fastrank.json").write_text(json.dumps(meta))

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastrank.data.goal_roles import goal_roles
-from fastrank.data.page_context import listing_text, off_page, page_listing, verbatim_in
+from fastrank.data.page_context import item_note, listing_text, off_page, page_listing, verbatim_in
 from fastrank.data.words import stem as _stem
 from fastrank.data.words import words
 
@@ -32,8 +32,10 @@ FEATURE_MODES = ("state_action_overlap", "state_action", "history")
 # of "goal names" where the goal and the action parse, and no empty parts; 4 = + "not heated yet" on a put of the goal
 # object into the goal target before the change the goal asks; 5 = + "not on this page" for a `search[...]` on a WebShop
 # page without the search box; 6 = the state's ``holding:`` says what each held object is to the goal: "tomato 4
-# (goal object, not heated yet)" (`GoalRoles.held_note`).
-NOTES_VERSION = 6
+# (goal object, not heated yet)" (`GoalRoles.held_note`); 7 = on a WebShop item page, `< prev` and `buy now` say which
+# goal options the page does not offer (or that it offers them all), an over-budget price, and (`< prev`) how many
+# products the episode has opened (`page_context.item_note`).
+NOTES_VERSION = 7
 
 
 # words that say nothing about what an action is about (for the goal match of the ``history`` mode)
@@ -120,7 +122,8 @@ class Featurizer:
             else:  # what decides first: a candidate's token budget cuts the note from the end
                 count, _, seen = mem.annotation_parts(a)
                 count += mem.undo_note(a, changed_ok=self.notes >= 4) + (
-                    "; not on this page" if off_page(observation, a, searches=self.notes >= 5) else "")
+                    "; not on this page" if off_page(observation, a, searches=self.notes >= 5) else "") + (
+                    item_note(goal, observation, a, history) if self.notes >= 7 else "")
                 note = "; ".join(p for p in (count, head, *self._goal_parts(mem, roles, goal_words, a, named, verbatim),
                                              seen) if p)
             out.append(f"action: {a.strip()} ({note})" + (f" {title}" if title else ""))

@@ -20,6 +20,8 @@ _CLICK = re.compile(r"\s*click\[(.+)\]\s*")
 _ID = re.compile(r"[A-Za-z0-9]{6,16}")
 _PRICE = re.compile(r"\$\s?(\d[\d,]*(?:\.\d+)?)")
 _BUDGET = re.compile(r"price lower than \$?(\d[\d,]*(?:\.\d+)?)", re.I)
+# "... with color: black multi, and size: large, and price lower than 70.00 dollars": parses all 6,910 WebShop goals
+_GOAL_OPTION = re.compile(r"(?:\bwith|, and) ([a-z][a-z ]*?): (.+?)(?=, and |$)")
 TITLE_WORDS = 12  # the title after the decisive head; a 48-token candidate budget keeps ~10 of its words
 
 
@@ -100,3 +102,61 @@ def listing_text(goal: str, listing: dict[str, tuple[int, str, str]], action: st
     head = f"result {rank}, {price}" + ("" if ok is None else ", under budget" if ok else ", over budget")
     words = title.split()
     return head, " ".join(words[:TITLE_WORDS]) + (" ..." if len(words) > TITLE_WORDS else "")
+
+
+def goal_options(goal: str) -> list[tuple[str, str]]:
+    """The (name, value) options a WebShop goal asks for, lower case: "... with color: black multi, and size: large,
+    and price lower than 70.00 dollars" -> [("color", "black multi"), ("size", "large")]."""
+    return [(name.split(" with ")[-1], value) for name, value in _GOAL_OPTION.findall(goal.lower())]
+
+
+def item_page(observation: str) -> list[str] | None:
+    """The segments of a WebShop item page (it has a ``Buy Now`` button), lower case; None for any other page."""
+    if SEP not in observation:
+        return None
+    seg = [s.strip().lower() for s in observation.split(SEP)]
+    return seg if "buy now" in seg else None
+
+
+def missing_options(goal: str, observation: str) -> list[str] | None:
+    """On an item page, the goal's option values the page does not offer (none: []); None on any other page.
+    What a shopper checks before buying, and what the product listing cannot show."""
+    seg = item_page(observation)
+    if seg is None:
+        return None
+    offered = set(seg)
+    return [v for _, v in goal_options(goal) if v not in offered]
+
+
+def item_price_ok(goal: str, observation: str) -> bool | None:
+    """On an item page, whether its price is under the goal's budget (None: not an item page, or no budget)."""
+    seg, limit = item_page(observation), budget(goal)
+    price = next((s for s in seg or () if s.startswith("price:")), None)
+    return within_budget(price, limit) if price is not None and limit is not None else None
+
+
+def opened_products(history) -> list[str]:
+    """The product ids (lower case) the episode has opened, in order, once each: clicks on a listed id."""
+    out = []
+    for action, _ in history or ():
+        arg = click_arg(action)
+        if arg and _ID.fullmatch(arg) and any(ch.isdigit() for ch in arg) and arg.lower() not in out:
+            out.append(arg.lower())
+    return out
+
+
+def item_note(goal: str, observation: str, action: str, history) -> str:
+    """Notes v7, for `< prev` and `buy now` on an item page: the goal options it lacks (or that it has them all), an
+    over-budget price, and on `< prev` how many products the episode has opened. Empty for anything else."""
+    arg = (click_arg(action) or "").lower()
+    if arg not in ("< prev", "buy now"):
+        return ""
+    missing = missing_options(goal, observation)
+    if missing is None:
+        return ""
+    parts = [f"goal options not offered: {', '.join(missing)}" if missing else "every goal option offered"]
+    if item_price_ok(goal, observation) is False:
+        parts.append("over budget")
+    if arg == "< prev":
+        parts.append(f"products opened: {len(opened_products(history))}")
+    return "; " + "; ".join(parts)

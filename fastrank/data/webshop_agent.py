@@ -77,6 +77,49 @@ def teacher_action(env, state, *, exclude: frozenset[str] = frozenset()) -> str 
     return None  # done
 
 
+MAX_OPENED = 4  # the readable teacher opens at most this many products (3 returns): 12 of the 15 evaluation steps
+
+
+def readable_teacher_action(env, state, history, *, exclude: frozenset[str] = frozenset()) -> str | None:
+    """A teacher that decides only on what the pages show, so a policy can imitate every choice it makes: on a
+    results page the first product in the search engine's order that the episode has not opened and whose listed
+    price is under the goal's budget (else the first not opened); on its item page `< prev` when the page lacks
+    one of the goal's options or is over budget and another product is left to try (at most `MAX_OPENED`
+    opened), else each goal option not chosen yet, then `buy now`. On the 500 test goals it scores 91.5 / 81.8 %
+    (the first result: 78.9 / 57.2 %; the reward teacher, which reads the hidden reward: 96.6 / 89.6 %).
+    `history`: the episode's (action, observation) turns. None when nothing is worth doing, or when the product
+    it would open is in `exclude` (a test product, when building training data: the episode stops there)."""
+    from fastrank.data.page_context import (budget, item_price_ok, missing_options, opened_products, page_listing,
+                                            within_budget)
+
+    page, goal = state.info["page"], state.goal
+    if page == "index":
+        return state.admissible[0] if state.admissible else None
+    if page == "item_sub_page":
+        return "click[< prev]"
+    opened, limit = opened_products(history), budget(goal)
+    if page == "search_results":
+        listing = page_listing(state.observation)
+        fresh = [a for a in listing if a not in opened]
+        ok = [a for a in fresh if limit is None or within_budget(listing[a][2], limit) is not False]
+        pick = (ok or fresh or list(listing) or [None])[0]
+        if pick is None or pick.upper() in exclude:
+            return None
+        return f"click[{pick}]"
+    if page == "item_page":
+        missing = missing_options(goal, state.observation) or []
+        results = next((o for _, o in reversed(history) if page_listing(o)), "")  # the page it came from
+        left = [a for a in page_listing(results) if a not in opened]
+        if (missing or item_price_ok(goal, state.observation) is False) and left and len(opened) < MAX_OPENED:
+            return "click[< prev]"
+        s = env.session
+        for name, value in s.goal.goal_options:
+            if s.options.get(name) != value and value in state.info["clickables"]:
+                return f"click[{value}]"
+        return "click[buy now]"
+    return None  # done
+
+
 @dataclass
 class Stats:
     episodes: int = 0
@@ -108,11 +151,18 @@ def test_products(env) -> frozenset[str]:
     return frozenset(env.catalog.goals[i].asin for i in TEST_GOALS)
 
 
+TEACHERS = ("reward", "readable")
+
+
 def teacher_sets(goal_indices, *, runs_per_goal: int = 2, detour_prob: float = 0.3, max_steps: int = 15,
-                 seed: int = 0, env=None) -> tuple[list[CandidateSet], Stats]:
-    """Play the teacher `runs_per_goal` times per goal (run 0 without detours); one set per recorded
-    state with two or more actions: the teacher's action first, then every other action the page offers."""
+                 seed: int = 0, env=None, teacher: str = "reward") -> tuple[list[CandidateSet], Stats]:
+    """Play the teacher (`teacher_action` or `readable_teacher_action`) `runs_per_goal` times per goal (run 0
+    without detours); one set per recorded state with two or more actions: the teacher's action first, then every
+    other action the page offers."""
     from fastrank.envs.webshop import WebShopEnv
+
+    if teacher not in TEACHERS:
+        raise ValueError(f"unknown WebShop teacher {teacher!r}; expected one of {TEACHERS}")
 
     env = env or WebShopEnv()
     exclude = test_products(env)
@@ -121,11 +171,12 @@ def teacher_sets(goal_indices, *, runs_per_goal: int = 2, detour_prob: float = 0
     for gi in goal_indices:
         for run in range(runs_per_goal):
             p = 0.0 if run == 0 else detour_prob
-            state, turns, steps = env.reset(gi), [], 0
+            state, turns, steps, action = env.reset(gi), [], 0, ""
             stats.episodes += 1
             while not state.done and steps < max_steps:
-                action = teacher_action(env, state, exclude=exclude)
-                if action is None:
+                action = (teacher_action(env, state, exclude=exclude) if teacher == "reward"
+                          else readable_teacher_action(env, state, turns, exclude=exclude))
+                if action is None:  # the readable teacher's next product is a test product: not played on
                     stats.no_action += 1
                     break
                 page = state.info["page"]
@@ -156,7 +207,8 @@ def teacher_sets(goal_indices, *, runs_per_goal: int = 2, detour_prob: float = 0
                 state = env.step(action)
                 turns.append((action, state.observation))
                 steps += 1
-            stats.rewards.append(state.reward if state.done else 0.0)
+            if action is not None or state.done:
+                stats.rewards.append(state.reward if state.done else 0.0)
     stats.sets = len(sets)
     return sets, stats
 
