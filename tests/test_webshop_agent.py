@@ -142,6 +142,77 @@ def test_teacher_sets_label_first_with_history_and_no_test_goal(env):
         check_leak_free(0, state, test_products(env))
 
 
+ITEM = ("Back to Search [SEP] < Prev [SEP] size [SEP] 6 [SEP] 7 [SEP] 9 [SEP] color [SEP] navy [SEP] black multi [SEP] "
+        "Clarks Womens Suede Slipper [SEP] Price: $74.95 [SEP] Rating: N.A. [SEP] Description [SEP] Features [SEP] "
+        "Reviews [SEP] Buy Now")
+SLIPPERS = "Find me women's slippers with faux fur with color: black multi, and size: 8, and price lower than 70.00 dollars"
+
+
+def test_goal_options_parse_every_goal_as_the_catalog_states_them(env):
+    from fastrank.data.page_context import goal_options
+
+    assert goal_options(SLIPPERS) == [("color", "black multi"), ("size", "8")]  # "faux fur with color": the name
+    assert goal_options("Find me a lamp, and price lower than 30.00 dollars") == []
+    wrong = [g.index for g in env.catalog.goals if goal_options(g.instruction_text)
+             != [(n.lower(), v.lower()) for n, v in g.goal_options]]
+    assert len(env.catalog.goals) == 6910 and wrong == []
+
+
+def test_notes_v7_say_on_prev_and_buy_which_goal_options_the_item_page_lacks():
+    from fastrank.data.page_context import item_note, missing_options
+
+    assert missing_options(SLIPPERS, ITEM) == ["8"] and missing_options(SLIPPERS, PAGE) is None
+    history = [("search[x]", PAGE), ("click[b01i5b1q1m]", ITEM)]
+    assert item_note(SLIPPERS, ITEM, "click[< prev]", history) == (
+        "; goal options not offered: 8; over budget; products opened: 1")
+    assert item_note(SLIPPERS, ITEM, "click[buy now]", history) == "; goal options not offered: 8; over budget"
+    assert item_note(SLIPPERS, ITEM, "click[navy]", history) == ""
+    cheap9 = SLIPPERS.replace("size: 8", "size: 9").replace("70.00", "80.00")
+    assert item_note(cheap9, ITEM, "click[buy now]", history) == "; every goal option offered"
+    v7 = Featurizer("history").texts(SLIPPERS, ITEM, ["click[< prev]"], history)[1]
+    v6 = Featurizer("history", notes=6).texts(SLIPPERS, ITEM, ["click[< prev]"], history)[1]
+    assert "goal options not offered: 8" in v7[0] and "goal options" not in v6[0]  # v6 checkpoints read v6 text
+
+
+def test_readable_teacher_decides_on_what_the_pages_show(env):
+    """Rank order, the listed budget, then the item page's goal options: it goes back from a product lacking one,
+    and it beats the first-result rule (which buys the top hit) on the same goals."""
+    from fastrank.data.page_context import budget, missing_options, page_listing, within_budget
+    from fastrank.data.webshop_agent import readable_teacher_action
+    from fastrank.envs.webshop_expert import baselines
+
+    goals, rewards, backs = list(range(40)), [], 0
+    for g in goals:
+        state, turns = env.reset(g), []
+        while not state.done and len(turns) < 15:
+            a = readable_teacher_action(env, state, turns)
+            if state.info["page"] == "search_results":
+                listing, opened = page_listing(state.observation), {t[6:-1] for t, _ in turns}
+                fresh = [p for p in listing if p not in opened]
+                first_ok = next((p for p in fresh if within_budget(listing[p][2], budget(state.goal)) is not False), fresh[0])
+                assert a == f"click[{first_ok}]"  # every result before it is opened already or over budget
+            if state.info["page"] == "item_page" and a == "click[< prev]":
+                backs += 1
+                assert missing_options(state.goal, state.observation) or "over budget" in Featurizer(
+                    "history").texts(state.goal, state.observation, [a], turns)[1][0]
+            state = env.step(a)
+            turns.append((a, state.observation))
+        rewards.append(state.reward if state.done else 0.0)
+    first = baselines(goals, env=env)["first_result"]
+    assert backs > 0 and sum(r == 1.0 for r in rewards) / len(goals) > first["success_rate"] + 0.1
+
+
+def test_readable_teacher_sets_stop_before_a_test_product(env):
+    from fastrank.data.webshop_agent import leak_free_goals, teacher_sets
+
+    sets, stats = teacher_sets(leak_free_goals(env)[:40], seed=0, env=env, teacher="readable")
+    assert stats.sets == len(sets) > 60 and stats.no_action > 0  # episodes cut where a test product came next
+    assert len(stats.rewards) == stats.episodes - stats.no_action
+    assert any(cs.candidates[0] == "click[< prev]" and cs.task_type == "item_page" for cs in sets)
+    with pytest.raises(ValueError, match="teacher"):
+        teacher_sets([], env=env, teacher="oracle")
+
+
 def test_sampled_distractors_come_from_other_episodes_and_are_not_on_the_page(env):
     from fastrank.data.webshop_agent import leak_free_goals, teacher_sets, with_sampled_distractors
 
@@ -182,7 +253,7 @@ def test_recipe_end_to_end(tmp_path):
     assert call(recipe.cli, args) == 0  # as `accelerate launch recipes/agent_webshop.py k=v ...` runs it
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["trained_sets"] == 16 and res["train"]["steps"] >= 1
-    assert res["eval"]["episodes"] == 4 and set(res["reference"]) >= {"oracle", "reward_teacher", "first_result"}
+    assert res["eval"]["episodes"] == 4 and set(res["reference"]) >= {"oracle", "reward_teacher", "readable_teacher", "first_result"}
     assert res["click_states"]["hard"]["states"] == recipe.CLICK_EVAL_SETS
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| **this model** |" in report and "| reward teacher |" in report and "model − floor" in report
