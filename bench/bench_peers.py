@@ -52,14 +52,19 @@ def base_config(args, **extra):
     return load_config(ROOT / "recipes" / "joint3.yaml", over)
 
 
-def plain_minilm(out: Path) -> str:
-    """The bundled MiniLM as a plain HF folder: its modules.json would make CrossEncoder read it as a bi-encoder."""
+def plain_minilm(out: Path, attention_dropout: float | None = None) -> str:
+    """The bundled MiniLM as a plain HF folder: its modules.json would make CrossEncoder read it as a bi-encoder.
+    `attention_dropout`: written into its config, so the ST trainers train with the same dropout as fastrank's."""
     from fastrank.model import PRESETS
 
     out.mkdir(parents=True, exist_ok=True)
     for name in MINILM_FILES:
         if (Path(PRESETS["minilm"]) / name).is_file():
             shutil.copy(Path(PRESETS["minilm"]) / name, out / name)
+    if attention_dropout is not None:
+        config = json.loads((out / "config.json").read_text())
+        config["attention_probs_dropout_prob"] = attention_dropout
+        (out / "config.json").write_text(json.dumps(config, indent=1))
     return str(out)
 
 
@@ -75,7 +80,10 @@ def _train_fastrank(args, kind, out):
     from fastrank.train import train
 
     loss, _, variant = kind.split("/")[1].partition("+")
-    extra = {"layout": "shared_prefix", "max_tokens": args.prefix_max_tokens} if variant == "prefix" else {}
+    extra = {"layout": "shared_prefix", "max_tokens": args.prefix_max_tokens,
+             "max_action_tokens": args.prefix_action_tokens} if variant == "prefix" else {}
+    if args.attention_dropout is not None:
+        extra["attention_dropout"] = args.attention_dropout
     cfg = base_config(args, loss=loss, eval_modes="[]", output_dir=str(out), model=args.model_dir, **extra)
     t0, c0 = time.perf_counter(), cpu_seconds()
     res = train(cfg)
@@ -266,6 +274,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/peers")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {KINDS + PREFIX_KINDS}")
     p.add_argument("--parallel", action="store_true", help="run the trainers at the same time (see run_trainers)")
+    p.add_argument("--prefix-action-tokens", type=int, default=64,
+                   help="shared-prefix kinds: a candidate's token budget (joint3's action + overlap features: 40-77)")
+    p.add_argument("--attention-dropout", type=float, default=None,
+                   help="every trainer's attention dropout (default: MiniLM's 0.1); 0 keeps CPU SDPA fused")
     args = p.parse_args(argv)
     if set(args.kinds.split(",")) - set(KINDS + PREFIX_KINDS):
         p.error(f"unknown --kinds {sorted(set(args.kinds.split(',')) - set(KINDS + PREFIX_KINDS))}; "
@@ -277,7 +289,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    args.model_dir = plain_minilm(out / "minilm")
+    args.model_dir = plain_minilm(out / "minilm", args.attention_dropout)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     cfg = base_config(args)
@@ -291,7 +303,8 @@ def main(argv=None) -> int:
     steps = fastrank_steps(cfg, train_sets, args.model_dir)
     results["fastrank_steps"] = steps
     if any(k.endswith("+prefix") for k in kinds):
-        args.prefix_max_tokens = prefix_budget(cfg, train_sets, args.model_dir, steps)
+        args.prefix_max_tokens = prefix_budget(base_config(args, max_action_tokens=args.prefix_action_tokens),
+                                               train_sets, args.model_dir, steps)
         print(f"shared-prefix kinds: token budget {args.prefix_max_tokens} for {steps} steps", flush=True)
     results["runs"] = run_trainers(kinds, args, out, steps, args.parallel)
     for kind, res in results["runs"].items():
