@@ -52,6 +52,7 @@ class AgentConfig:
     final_eval_games: int = 0  # 0: skip; -1: every game of the split
     # ScienceWorld recipe (recipes/agent_scienceworld.py) only
     sw_episodes_per_task: int = 3  # ETO train gold paths replayed per task (24 tasks) for behaviour cloning
+    sw_staples: bool = False  # every training set also holds wait1 / wait / look around / inventory when not its label
     sw_valid_sample: int = 300  # valid actions kept per replayed state (verb-stratified; 100000: all, ~1,700)
     # WebShop recipe (recipes/agent_webshop.py) only
     ws_teacher: str = "reward"  # reward (reads the hidden reward) | readable (decides on what the pages show)

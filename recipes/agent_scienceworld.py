@@ -29,7 +29,7 @@ def build_sets(cfg: AgentConfig, out: Path):
     pairs = train_pairs(cfg.sw_episodes_per_task)  # seed 0, not cfg.seed: the data (and its cache) stay put
     res = replay_steps(pairs, out / "replay.cache.jsonl", n_sample=cfg.sw_valid_sample)
     print(res)
-    sets, stats = agent_sets(res.steps + gold_file_steps(), max_negatives=cfg.max_negatives,
+    sets, stats = agent_sets(res.steps + gold_file_steps(), max_negatives=cfg.max_negatives, staples=cfg.sw_staples,
                              max_sets_per_episode=MAX_SETS_PER_EPISODE, seed=cfg.seed)
     info = {"pairs": len(pairs), "replayed_episodes": res.episodes,
             "replay_failures": [[f["task"], f["variation"], f["error"].strip().splitlines()[-1][:200]]

@@ -162,9 +162,16 @@ def _recent(ep: list[Step], i: int) -> str:
     return f"{ep[i - 1].expert_action} {ep[i].observation}" if i else ep[i].observation
 
 
+STAPLES = ("wait1", "wait", "look around", "inventory")  # in every ScienceWorld valid-action list
+
+
 def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focus: int = 4,
-               max_sets_per_episode: int | None = None, seed: int = 0) -> tuple[list[CandidateSet], SetStats]:
-    """One history-carrying CandidateSet per labelable gold step (see the module doc), and counts."""
+               max_sets_per_episode: int | None = None, seed: int = 0,
+               staples: bool = False) -> tuple[list[CandidateSet], SetStats]:
+    """One history-carrying CandidateSet per labelable gold step (see the module doc), and counts.
+    `staples`: every set also holds the always-valid actions (`STAPLES`) that are not its label: the relevance cut
+    of the negatives never picks them (they name no goal word), yet the evaluation offers them at every step, and
+    a model that had seen `wait1` only as a label waited through whole episodes (runs/agent_sw2, agent_sw4)."""
     if max_wrong_focus > max_negatives:
         raise ValueError(f"max_wrong_focus ({max_wrong_focus}) > max_negatives ({max_negatives})")
     out: list[CandidateSet] = []
@@ -193,6 +200,8 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
             # the policy will meet them
             negs = wrong + bounded_admissible(rest, min(len(rest), max_negatives - len(wrong)), rng,
                                               priority=relevance(s.goal, _recent(ep, i)))
+            if staples:  # always offered, and the gold action in 15 % of states (wait1): the policy must learn when not
+                negs += [a for a in STAPLES if a in rest and a not in negs]
             cands = [s.expert_action] + negs
             order = list(range(len(cands)))
             rng.shuffle(order)  # the label's position carries nothing
