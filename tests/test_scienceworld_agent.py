@@ -119,6 +119,20 @@ def test_wrong_focus_named_by_the_goal_come_first_and_right_targets_are_spared()
         agent_sets(steps, max_negatives=3, max_wrong_focus=4)
 
 
+def test_staples_are_negatives_unless_they_are_the_label():
+    goal = "Your task is to boil water. First, focus on the substance."
+    adm = sorted(["wait1", "wait", "look around", "inventory", "open oven", "activate stove"]
+                 + [f"open drawer {i}" for i in range(20)])
+    steps = [_step(goal, "activate stove", adm, 0), _step(goal, "wait1", adm, 1)]
+    plain, _ = agent_sets(steps, max_negatives=3, max_wrong_focus=0)
+    with_staples, _ = agent_sets(steps, max_negatives=3, max_wrong_focus=0, staples=True)
+    assert len(plain[0].candidates) == 4  # the cut by goal words: none of the staples is certain to be there
+    first, second = with_staples
+    assert {"wait1", "wait", "look around", "inventory"} <= set(first.candidates)
+    assert first.expert_action == "activate stove" and len(set(first.candidates)) == len(first.candidates)
+    assert second.expert_action == "wait1" and second.candidates.count("wait1") == 1
+
+
 def test_only_eto_train_variations(file_steps):
     train = set(eto_split_pairs("train"))
     held_out = set(eto_split_pairs("test")) | set(eto_split_pairs("dev"))
