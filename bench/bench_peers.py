@@ -81,7 +81,7 @@ def _train_fastrank(args, kind, out):
 
     loss, _, variant = kind.split("/")[1].partition("+")
     extra = {"layout": "shared_prefix", "max_tokens": args.prefix_max_tokens,
-             "max_action_tokens": args.prefix_action_tokens} if variant == "prefix" else {}
+             **prefix_overrides(args)} if variant == "prefix" else {}
     if args.attention_dropout is not None:
         extra["attention_dropout"] = args.attention_dropout
     cfg = base_config(args, loss=loss, eval_modes="[]", output_dir=str(out), model=args.model_dir, **extra)
@@ -89,6 +89,15 @@ def _train_fastrank(args, kind, out):
     res = train(cfg)
     return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "loop_s": res["train_seconds"],
             "steps": res["steps"], "model_dir": str(out / "model")}
+
+
+def prefix_overrides(args) -> dict:
+    """The shared-prefix kinds' token budgets: a candidate's, and the state's when --prefix-state-tokens is set (a
+    pair of the paper's layout gives its state what the action leaves of max_length: ~90 of 128 tokens on joint3)."""
+    out = {"max_action_tokens": args.prefix_action_tokens}
+    if args.prefix_state_tokens:
+        out["max_length"] = args.prefix_state_tokens
+    return out
 
 
 def _train_st(args, kind, out, steps):
@@ -276,6 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", action="store_true", help="run the trainers at the same time (see run_trainers)")
     p.add_argument("--prefix-action-tokens", type=int, default=64,
                    help="shared-prefix kinds: a candidate's token budget (joint3's action + overlap features: 40-77)")
+    p.add_argument("--prefix-state-tokens", type=int, default=None,
+                   help="shared-prefix kinds: the state's token budget (default: joint3's max_length, 128)")
     p.add_argument("--attention-dropout", type=float, default=None,
                    help="every trainer's attention dropout (default: MiniLM's 0.1); 0 keeps CPU SDPA fused")
     args = p.parse_args(argv)
@@ -303,8 +314,8 @@ def main(argv=None) -> int:
     steps = fastrank_steps(cfg, train_sets, args.model_dir)
     results["fastrank_steps"] = steps
     if any(k.endswith("+prefix") for k in kinds):
-        args.prefix_max_tokens = prefix_budget(base_config(args, max_action_tokens=args.prefix_action_tokens),
-                                               train_sets, args.model_dir, steps)
+        args.prefix_max_tokens = prefix_budget(base_config(args, **prefix_overrides(args)), train_sets,
+                                               args.model_dir, steps)
         print(f"shared-prefix kinds: token budget {args.prefix_max_tokens} for {steps} steps", flush=True)
     results["runs"] = run_trainers(kinds, args, out, steps, args.parallel)
     for kind, res in results["runs"].items():
