@@ -49,6 +49,8 @@ def base_config(args, **extra):
     over = [f"max_train_sets={args.train_sets}", f"max_eval_sets={args.eval_sets}", "save_every=0",
             f"max_tokens={args.max_tokens}",
             f"cpu_threads={args.threads}", "log_every=5"] + [f"{k}={v}" for k, v in extra.items()]
+    if getattr(args, "feature_mode", None):
+        over.append(f"feature_mode={args.feature_mode}")
     return load_config(ROOT / "recipes" / "joint3.yaml", over)
 
 
@@ -285,6 +287,9 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", action="store_true", help="run the trainers at the same time (see run_trainers)")
     p.add_argument("--prefix-action-tokens", type=int, default=64,
                    help="shared-prefix kinds: a candidate's token budget (joint3's action + overlap features: 40-77)")
+    p.add_argument("--feature-mode", default=None,
+                   help="every trainer's text pairs (default joint3's state_action_overlap; "
+                        "state_action_overlap_compact writes the four overlap numbers in ~6 tokens)")
     p.add_argument("--prefix-state-tokens", type=int, default=None,
                    help="shared-prefix kinds: the state's token budget (default: joint3's max_length, 128)")
     p.add_argument("--attention-dropout", type=float, default=None,

@@ -45,7 +45,7 @@ class TrainConfig:
     # model
     model: str = "minilm"  # preset name (minilm, deberta-v3-base, deberta-v3-large) or a path / hub id
     init_from: str | None = None  # a saved Reranker to start from (few-shot)
-    feature_mode: str = "state_action_overlap"  # encoder input text: state_action_overlap | state_action | history
+    feature_mode: str = "state_action_overlap"  # encoder input text: state_action_overlap | state_action | history | state_action_overlap_compact
     max_length: int = 256  # tokens per (state, candidate) input; longer ones are truncated
     layout: str = "pairs"  # pairs (the paper: one state+action sequence per candidate) | shared_prefix (fastrank/prefix.py:
     #                        the state once per set, max_length its tokens, each candidate attending to it)

@@ -145,7 +145,9 @@ def model_card(model, meta: dict, results: dict | None, arch: str, max_diff: flo
              "", "Second text (the action" + (" plus lexical-overlap features, two decimals)" if fz.mode ==
                                             "state_action_overlap" else ")") + ":", "",
              "    action: {action}" + ("\\nfeatures: jaccard=.. action_coverage=.. state_coverage=.. bigram_overlap=.."
-                                     if fz.mode == "state_action_overlap" else ""), "",
+                                     if fz.mode == "state_action_overlap" else
+                                     "\\noverlap: J A S B (the same four, in percent)"
+                                     if fz.mode == "state_action_overlap_compact" else ""), "",
              "Example, built by `fastrank.data.features.Featurizer`:", "", "```",
              json.dumps([state, action], indent=1), "```", "",
              "The features are word-level overlaps between goal+observation and the action "

@@ -236,5 +236,9 @@ def test_featurizer_text_layout():
     assert pairs[1][0] == state
     plain = Featurizer("state_action").pairs("g", "o", ["look"])
     assert plain[0][1] == "action: look"
+    # compact: the same four numbers as percentages (jaccard 4/11, coverages 4/6 and 4/9, bigrams 2/5)
+    compact = Featurizer("state_action_overlap_compact").pairs("", "You see a mug 1 on the desk 2",
+                                                               ["take mug 1 from desk 2"])
+    assert compact[0][1] == "action: take mug 1 from desk 2\noverlap: 36 67 44 40"
     with pytest.raises(ValueError, match="feature mode"):
         Featurizer("nope")

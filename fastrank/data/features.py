@@ -24,7 +24,7 @@ from fastrank.data.page_context import item_note, listing_text, off_page, page_l
 from fastrank.data.words import stem as _stem
 from fastrank.data.words import words
 
-FEATURE_MODES = ("state_action_overlap", "state_action", "history")
+FEATURE_MODES = ("state_action_overlap", "state_action", "history", "state_action_overlap_compact")
 # The ``history`` mode's candidate notes, versioned so a saved model reads the text it was trained on:
 # 1 = new/taken, places, goal names, listing, verbatim in goal; 2 = + "puts it back where it was taken" /
 # "takes back what it put there" (`EpisodeMemory.undo_note`) and WebShop's "not on this page"; 3 = the role each
@@ -152,6 +152,11 @@ class Featurizer:
         if self.mode == "state_action_overlap":
             f = overlap_features(f"{goal} {observation}", action)
             text += "\nfeatures: " + " ".join(f"{k}={v:.2f}" for k, v in f.items())
+        elif self.mode == "state_action_overlap_compact":
+            # the same four numbers as percentages, named once: ~6 tokens where the paper's text takes ~30, which
+            # in a 128-token pair is a quarter of the budget and most of a shared-prefix candidate
+            f = overlap_features(f"{goal} {observation}", action)
+            text += "\noverlap: " + " ".join(str(round(100 * v)) for v in f.values())
         return text
 
     def pairs(self, goal: str, observation: str, candidates: list[str], history=None) -> list[tuple[str, str]]:
