@@ -149,14 +149,13 @@ class Featurizer:
 
     def action_text(self, goal: str, observation: str, action: str) -> str:
         text = f"action: {action.strip()}"
-        if self.mode == "state_action_overlap":
+        if self.mode.startswith("state_action_overlap"):
             f = overlap_features(f"{goal} {observation}", action)
-            text += "\nfeatures: " + " ".join(f"{k}={v:.2f}" for k, v in f.items())
-        elif self.mode == "state_action_overlap_compact":
-            # the same four numbers as percentages, named once: ~6 tokens where the paper's text takes ~30, which
-            # in a 128-token pair is a quarter of the budget and most of a shared-prefix candidate
-            f = overlap_features(f"{goal} {observation}", action)
-            text += "\noverlap: " + " ".join(str(round(100 * v)) for v in f.values())
+            if self.mode == "state_action_overlap":
+                text += "\nfeatures: " + " ".join(f"{k}={v:.2f}" for k, v in f.items())
+            else:  # compact: the same four numbers as percentages, named once: ~6 tokens where the paper's text
+                # takes ~30, which in a 128-token pair is a quarter of the budget and most of a shared-prefix candidate
+                text += "\noverlap: " + " ".join(str(round(100 * v)) for v in f.values())
         return text
 
     def pairs(self, goal: str, observation: str, candidates: list[str], history=None) -> list[tuple[str, str]]:

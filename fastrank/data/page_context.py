@@ -25,6 +25,11 @@ _GOAL_OPTION = re.compile(r"(?:\bwith|, and) ([a-z][a-z ]*?): (.+?)(?=, and |$)"
 TITLE_WORDS = 12  # the title after the decisive head; a 48-token candidate budget keeps ~10 of its words
 
 
+def _is_id(text: str) -> bool:
+    """A product id (ASIN / ISBN): 6-16 letters and digits, at least one digit (option values like "black" are not)."""
+    return bool(_ID.fullmatch(text)) and any(ch.isdigit() for ch in text)
+
+
 def page_listing(observation: str, max_gap: int = 3) -> dict[str, tuple[int, str, str]]:
     """{id (lower case): (position on the page from 1, title, price text)} for every id a price follows."""
     if SEP not in observation:
@@ -32,7 +37,7 @@ def page_listing(observation: str, max_gap: int = 3) -> dict[str, tuple[int, str
     seg = observation.split(SEP)
     out = {}
     for i, s in enumerate(seg):
-        if not (_ID.fullmatch(s) and any(ch.isdigit() for ch in s)):
+        if not _is_id(s):
             continue
         for j in range(i + 1, min(len(seg), i + 2 + max_gap)):
             if seg[j].startswith("$"):
@@ -140,7 +145,7 @@ def opened_products(history) -> list[str]:
     out = []
     for action, _ in history or ():
         arg = click_arg(action)
-        if arg and _ID.fullmatch(arg) and any(ch.isdigit() for ch in arg) and arg.lower() not in out:
+        if arg and _is_id(arg) and arg.lower() not in out:
             out.append(arg.lower())
     return out
 

@@ -54,6 +54,8 @@ def teacher_action(env, state, *, exclude: frozenset[str] = frozenset()) -> str 
     """The reward teacher's next action on the current page (None: nothing worth doing, e.g. no results).
 
     `exclude`: products the teacher must not open (the test targets, when building training data)."""
+    from fastrank.envs.webshop_expert import option_or_buy
+
     s = env.session
     page = state.info["page"]
     if page == "index":
@@ -74,10 +76,7 @@ def teacher_action(env, state, *, exclude: frozenset[str] = frozenset()) -> str 
         mine = achievable_reward(env, s.goal, s.asin)
         if shown and mine < max(achievable_reward(env, s.goal, a) for a in shown) - 1e-9:
             return "click[< prev]"
-        for name, value in s.goal.goal_options:
-            if s.options.get(name) != value and value in state.info["clickables"]:
-                return f"click[{value}]"
-        return "click[buy now]"
+        return option_or_buy(env, state)
     return None  # done
 
 
@@ -95,6 +94,7 @@ def readable_teacher_action(env, state, history, *, exclude: frozenset[str] = fr
     it would open is in `exclude` (a test product, when building training data: the episode stops there)."""
     from fastrank.data.page_context import (budget, item_price_ok, missing_options, opened_products, page_listing,
                                             within_budget)
+    from fastrank.envs.webshop_expert import option_or_buy
 
     page, goal = state.info["page"], state.goal
     if page == "index":
@@ -116,11 +116,7 @@ def readable_teacher_action(env, state, history, *, exclude: frozenset[str] = fr
         left = [a for a in page_listing(results) if a not in opened]
         if (missing or item_price_ok(goal, state.observation) is False) and left and len(opened) < MAX_OPENED:
             return "click[< prev]"
-        s = env.session
-        for name, value in s.goal.goal_options:
-            if s.options.get(name) != value and value in state.info["clickables"]:
-                return f"click[{value}]"
-        return "click[buy now]"
+        return option_or_buy(env, state)
     return None  # done
 
 
@@ -175,14 +171,14 @@ def teacher_sets(goal_indices, *, runs_per_goal: int = 2, detour_prob: float = 0
     for gi in goal_indices:
         for run in range(runs_per_goal):
             p = 0.0 if run == 0 else detour_prob
-            state, turns, steps, action = env.reset(gi), [], 0, ""
+            state, turns, steps = env.reset(gi), [], 0
             stats.episodes += 1
             while not state.done and steps < max_steps:
                 action = (teacher_action(env, state, exclude=exclude) if teacher == "reward"
                           else readable_teacher_action(env, state, turns, exclude=exclude))
-                if action is None:  # the readable teacher's next product is a test product: not played on
+                if action is None:  # nothing to do here (the readable teacher: its next product is a test product)
                     stats.no_action += 1
-                    break
+                    break  # not played out: no reward recorded
                 page = state.info["page"]
                 detour = None
                 if page == "search_results" and rng.random() < p:
@@ -211,7 +207,7 @@ def teacher_sets(goal_indices, *, runs_per_goal: int = 2, detour_prob: float = 0
                 state = env.step(action)
                 turns.append((action, state.observation))
                 steps += 1
-            if action is not None or state.done:
+            else:
                 stats.rewards.append(state.reward if state.done else 0.0)
     stats.sets = len(sets)
     return sets, stats

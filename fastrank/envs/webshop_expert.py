@@ -43,11 +43,18 @@ def expert_action(env: WebShopEnv, state: EnvState, *, query: str | None = None,
     if page == "item_page":
         if s.asin != target:
             return "click[< prev]"
-        for name, value in goal.goal_options:  # names are sorted
-            if s.options.get(name) != value and value in state.info["clickables"]:
-                return f"click[{value}]"
-        return "click[buy now]"
+        return option_or_buy(env, state)
     return None  # done
+
+
+def option_or_buy(env: WebShopEnv, state: EnvState) -> str:
+    """On an item page: the next goal option value the page offers and the session has not chosen (option names
+    in sorted order), else `buy now`. Shared by the expert and the agent recipe's teachers."""
+    s = env.session
+    for name, value in s.goal.goal_options:
+        if s.options.get(name) != value and value in state.info["clickables"]:
+            return f"click[{value}]"
+    return "click[buy now]"
 
 
 def fallback_target(env: WebShopEnv) -> str | None:
