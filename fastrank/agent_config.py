@@ -53,6 +53,8 @@ class AgentConfig:
     # ScienceWorld recipe (recipes/agent_scienceworld.py) only
     sw_episodes_per_task: int = 3  # ETO train gold paths replayed per task (24 tasks) for behaviour cloning
     sw_staples: bool = False  # every training set also holds wait1 / wait / look around / inventory when not its label
+    sw_view: str = "feedback"  # the observation the policy reads: feedback | room (+ the room and the inventory,
+    #                            fastrank.envs.scienceworld_view), saved with the model so agent-eval shows the same
     sw_valid_sample: int = 300  # valid actions kept per replayed state (verb-stratified; 100000: all, ~1,700)
     # WebShop recipe (recipes/agent_webshop.py) only
     ws_teacher: str = "reward"  # reward (reads the hidden reward) | readable (decides on what the pages show)

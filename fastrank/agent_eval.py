@@ -87,8 +87,18 @@ def _scienceworld_tasks(args: argparse.Namespace):
     pairs = select_pairs(split=split, per_task=1, seed=args.seed)[: args.tasks]
     guard = None if args.no_focus_guard else (lambda s: focus_guard(s.goal, list(s.admissible)))
     order = relevance if args.candidate_order == "relevance" else None
+    view = getattr(args, "observation_view", None) or checkpoint_view(args.checkpoint)
     return (lambda: ScienceWorldEnv(max_admissible=args.max_candidates, step_limit=args.max_steps,
-                                    admissible_priority=order)), pairs, guard
+                                    admissible_priority=order, observation_view=view)), pairs, guard
+
+
+def checkpoint_view(checkpoint) -> str:
+    """The ScienceWorld observation view a checkpoint was trained on (`Featurizer.observation_view`; "feedback" for
+    checkpoints saved before it existed)."""
+    from fastrank.model import META_NAME
+
+    meta = json.loads((Path(checkpoint) / META_NAME).read_text())
+    return meta.get("featurizer", {}).get("observation_view", "feedback")
 
 
 def _webshop_tasks(args: argparse.Namespace):
@@ -120,6 +130,9 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
                    help="ScienceWorld: which valid actions fill each verb's share of --max-candidates: those naming "
                         "the most goal words, then words of the last action and its result (default; the gold action "
                         "survives a 64-action cut in 76.5 %% of train gold states) or a random draw (64.9 %%)")
+    p.add_argument("--observation-view", choices=("feedback", "room"), default=None,
+                   help="ScienceWorld: what the policy is shown (default: the view the checkpoint was trained on; "
+                        "room = the simulator's reply + the room it is in + its inventory)")
     p.add_argument("--no-focus-guard", action="store_true",
                    help="ScienceWorld: also offer `focus on X` for objects the goal does not name")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of games / tasks")

@@ -56,7 +56,8 @@ def agent_model(cfg: AgentConfig, device):
 
     torch.manual_seed(cfg.seed)
     model = Reranker.from_pretrained(cfg.init_from) if cfg.init_from else Reranker.from_encoder(
-        cfg.model, featurizer=Featurizer(cfg.feature_mode, notes=NOTES_VERSION if cfg.notes is None else cfg.notes),
+        cfg.model, featurizer=Featurizer(cfg.feature_mode, notes=NOTES_VERSION if cfg.notes is None else cfg.notes,
+                                         observation_view=cfg.sw_view),
         max_length=cfg.max_length, layout=cfg.layout, max_action_tokens=cfg.max_action_tokens)
     if cfg.attention_dropout is not None:
         model.set_attention_dropout(cfg.attention_dropout)

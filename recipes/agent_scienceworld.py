@@ -30,7 +30,7 @@ def build_sets(cfg: AgentConfig, out: Path):
     res = replay_steps(pairs, out / "replay.cache.jsonl", n_sample=cfg.sw_valid_sample)
     print(res)
     sets, stats = agent_sets(res.steps + gold_file_steps(), max_negatives=cfg.max_negatives, staples=cfg.sw_staples,
-                             max_sets_per_episode=MAX_SETS_PER_EPISODE, seed=cfg.seed)
+                             view=cfg.sw_view, max_sets_per_episode=MAX_SETS_PER_EPISODE, seed=cfg.seed)
     info = {"pairs": len(pairs), "replayed_episodes": res.episodes,
             "replay_failures": [[f["task"], f["variation"], f["error"].strip().splitlines()[-1][:200]]
                                 for f in res.failures], **stats.as_dict()}
@@ -112,7 +112,7 @@ def main(cfg: AgentConfig) -> dict:
         # exactly what `fastrank agent-eval --env scienceworld` builds: tasks, bounded envs, focus guard
         args = argparse.Namespace(split=cfg.final_eval_split, tasks=cfg.final_eval_games, seed=0,
                                   max_candidates=cfg.max_candidates, max_steps=cfg.max_steps, no_focus_guard=False,
-                                  candidate_order="relevance")
+                                  candidate_order="relevance", observation_view=model.featurizer.observation_view)
         make_env, tasks, guard = _scienceworld_tasks(args)
         batch = min(cfg.batch_size, 2)  # one JVM per game in flight, as the CLI caps it
         res = evaluate_agent(model, "scienceworld", make_env, tasks, max_steps=cfg.max_steps, batch_size=batch,

@@ -256,3 +256,27 @@ def test_a_split_with_no_games_is_an_error_naming_the_splits_there(tmp_path, cap
                "--games-dir", str(tmp_path / "json_2.1.1")])
     err = capsys.readouterr().err
     assert rc == 2 and "no ALFWorld games of split 'valid_unseen'" in err and "['valid_seen']" in err
+
+
+def test_scienceworld_env_takes_the_view_the_checkpoint_was_trained_on(tmp_path):
+    """agent-eval shows a ScienceWorld policy the observation it was trained on (`Featurizer.observation_view`,
+    saved in fastrank.json); `--observation-view` overrides it; checkpoints saved before the field read feedback."""
+    import json
+
+    from transformers import AutoTokenizer, BertConfig
+
+    from fastrank.agent_eval import checkpoint_view
+    from fastrank.data.features import Featurizer
+    from fastrank.model import META_NAME
+
+    tok = AutoTokenizer.from_pretrained(PRESETS["minilm"])
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=160)
+    ckpt = Reranker.from_config(cfg, tok, featurizer=Featurizer("history", observation_view="room")).save_pretrained(
+        tmp_path / "r")
+    assert checkpoint_view(ckpt) == "room"
+    assert Reranker.from_pretrained(ckpt).featurizer.observation_view == "room"
+    meta = json.loads((ckpt / META_NAME).read_text())
+    del meta["featurizer"]["observation_view"]  # as written before the field existed
+    (ckpt / META_NAME).write_text(json.dumps(meta))
+    assert checkpoint_view(ckpt) == "feedback" and Reranker.from_pretrained(ckpt).featurizer.observation_view == "feedback"

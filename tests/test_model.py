@@ -107,7 +107,8 @@ def test_save_load_roundtrip_deberta_v3_spm(tiny_deberta_v3, tmp_path):
     path = tmp_path / "out" / "reranker"
     restored, meta = _roundtrip(tiny_deberta_v3, path)
     assert {"config.json", "model.safetensors", "fastrank.json", "tokenizer_config.json"} <= set(os.listdir(path))
-    assert meta["featurizer"] == {"mode": "state_action", "notes": NOTES_VERSION} and meta["max_length"] == 128
+    assert meta["featurizer"] == {"mode": "state_action", "notes": NOTES_VERSION,
+                                  "observation_view": "feedback"} and meta["max_length"] == 128
     assert meta["format_version"] == FORMAT_VERSION and meta["aux_heads"] == {"source": 5}
     assert meta["head"]["in_features"] == 64 and meta["packing"] == "deberta-v2"
     assert restored.featurizer == Featurizer("state_action") and restored.max_length == 128

@@ -160,6 +160,23 @@ def test_observation_is_the_feedback_the_eval_env_returns(file_steps):
     assert "In your inventory" not in boil[3].observation
 
 
+def test_room_view_states_and_history_carry_the_room_and_inventory(file_steps):
+    """view="room": every state and every history turn is the feedback + the compacted room + inventory of that
+    state (the free look texts the shared file recorded), so the kitchen's contents are seen on arriving there."""
+    sets, _ = agent_sets(file_steps, max_negatives=11, view="room")
+    plain = {(cs.episode_id, cs.step): cs for cs in agent_sets(file_steps, max_negatives=11)[0]}
+    boil = {cs.step: cs for cs in sets if cs.episode_id == "scienceworld/boil/0"}
+    arrive = boil[3]  # after open door to kitchen, go to kitchen, look around: the state after `go to kitchen`
+    moved = boil[2].observation
+    assert moved.startswith("feedback: You move to the kitchen. | room: kitchen; here: ") and "stove" in moved
+    assert "inventory: " in moved and "In your inventory" not in moved
+    assert arrive.history[-1][1] == arrive.observation and arrive.history[1][1] == moved
+    for cs in sets:  # same labels and candidates as the feedback view: only the texts differ
+        twin = plain[(cs.episode_id, cs.step)]
+        assert (cs.candidates, cs.expert_index) == (twin.candidates, twin.expert_index)
+        assert cs.observation.startswith("feedback: ") and len(cs.history) == len(twin.history)
+
+
 # ------------------------------------------------------------------------------------------ focus guard
 
 @pytest.mark.parametrize("task", ["boil", "melt", "freeze", "change-the-state-of-matter-of", "use-thermometer",
@@ -201,7 +218,8 @@ def test_focus_guard_known_limit_category_goals():
 
 @pytest.mark.slow
 @needs_sim
-def test_replayed_sets_match_what_the_eval_env_shows(tmp_path):
+@pytest.mark.parametrize("view", ["feedback", "room"])
+def test_replayed_sets_match_what_the_eval_env_shows(tmp_path, view):
     """Replay a real ETO train gold path, build its sets, then play the labels in the evaluation env: at every
     labelled state the env's observation and the agent's memory equal the set's observation and history."""
     from fastrank.data.history import EpisodeMemory
@@ -211,16 +229,17 @@ def test_replayed_sets_match_what_the_eval_env_shows(tmp_path):
     pair = train_pairs(1, tasks=["power-component"])[0]
     res = replay_steps([pair], tmp_path / "cache.jsonl", progress=False)
     assert res.episodes == 1 and not res.failures
-    sets, stats = agent_sets(res.steps, max_negatives=11)
+    sets, stats = agent_sets(res.steps, max_negatives=11, view=view)
     assert stats.sets >= 5 and stats.with_wrong_focus == stats.sets  # a room full of focusable objects
     by_step = {cs.step: cs for cs in sets}
-    env = ScienceWorldEnv(max_admissible=64, step_limit=100)
+    env = ScienceWorldEnv(max_admissible=64, step_limit=100, observation_view=view)
     try:
         state, mem = env.reset(pair), EpisodeMemory()
         for s in sorted(res.steps, key=lambda s: s.step):
             cs = by_step.get(s.step)
             if cs is not None:
                 assert state.observation == cs.observation
+                assert (" | room: " in cs.observation) == (view == "room")
                 assert [list(t) for t in mem.turns] == cs.history
                 assert set(cs.candidates) <= set(env.valid_actions())
             state = env.step(s.expert_action)

@@ -23,6 +23,7 @@ from fastrank.data.goal_roles import goal_roles
 from fastrank.data.page_context import item_note, listing_text, off_page, page_listing, verbatim_in
 from fastrank.data.words import stem as _stem
 from fastrank.data.words import words
+from fastrank.envs.scienceworld_view import VIEWS
 
 FEATURE_MODES = ("state_action_overlap", "state_action", "history", "state_action_overlap_compact")
 # The ``history`` mode's candidate notes, versioned so a saved model reads the text it was trained on:
@@ -82,12 +83,17 @@ class Featurizer:
 
     mode: str = "state_action_overlap"
     notes: int = NOTES_VERSION  # checkpoints saved before the field load as 1 (`Reranker._init_kwargs`)
+    # ScienceWorld: the observation text the model was trained on, which the env composes (the featurizer reads it
+    # as given): "feedback" (the simulator's reply) or "room" (+ the room and inventory, fastrank.envs.scienceworld_view)
+    observation_view: str = "feedback"
 
     def __post_init__(self) -> None:
         if self.mode not in FEATURE_MODES:
             raise ValueError(f"unknown feature mode {self.mode!r}; expected one of {FEATURE_MODES}")
         if not 1 <= self.notes <= NOTES_VERSION:
             raise ValueError(f"notes version {self.notes} unknown to this fastrank (1..{NOTES_VERSION})")
+        if self.observation_view not in VIEWS:
+            raise ValueError(f"unknown observation view {self.observation_view!r}; expected one of {VIEWS}")
 
     @property
     def uses_history(self) -> bool:
@@ -164,4 +170,4 @@ class Featurizer:
         return [(state, a) for a in actions]
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "notes": self.notes}
+        return {"mode": self.mode, "notes": self.notes, "observation_view": self.observation_view}

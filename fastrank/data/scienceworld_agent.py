@@ -10,7 +10,7 @@ One `CandidateSet(env="scienceworld")` per decision of a gold path:
   previous action (the first state: the initial `look around`). Both sources already hold exactly that
   (`fastrank.data.scienceworld`: each Step's observation is the feedback of the last effective action), so
   train and eval states agree; the free `look` / `inventory` texts are *not* added (the agent never sees
-  them either).
+  them either) unless `view="room"` composes them in, as `ScienceWorldEnv(observation_view="room")` does at evaluation.
 - history: the previous (action, observation) pairs of the episode in order, the action being the
   canonical valid-list string the agent would have typed and the observation its feedback (= the next
   Step's observation). `rollout.run_episodes` keeps the same pairs in the agent's `EpisodeMemory`.
@@ -43,6 +43,7 @@ from fastrank.data.features import relevance
 from fastrank.data.record import CandidateSet, Step
 from fastrank.envs.scienceworld_actions import bounded_admissible, stable_seed
 from fastrank.envs.scienceworld_tasks import canonical_task_name, eto_split_pairs
+from fastrank.envs.scienceworld_view import observation_view
 
 FOCUS = "focus on "
 VALIDSAMPLE_FILE = "gold_train_var_30ep_validsample.jsonl.gz"
@@ -166,12 +167,14 @@ STAPLES = ("wait1", "wait", "look around", "inventory")  # in every ScienceWorld
 
 
 def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focus: int = 4,
-               max_sets_per_episode: int | None = None, seed: int = 0,
-               staples: bool = False) -> tuple[list[CandidateSet], SetStats]:
+               max_sets_per_episode: int | None = None, seed: int = 0, staples: bool = False,
+               view: str = "feedback") -> tuple[list[CandidateSet], SetStats]:
     """One history-carrying CandidateSet per labelable gold step (see the module doc), and counts.
     `staples`: every set also holds the always-valid actions (`STAPLES`) that are not its label: the relevance cut
     of the negatives never picks them (they name no goal word), yet the evaluation offers them at every step, and
-    a model that had seen `wait1` only as a label waited through whole episodes (runs/agent_sw2, agent_sw4)."""
+    a model that had seen `wait1` only as a label waited through whole episodes (runs/agent_sw2, agent_sw4).
+    `view`: the observation text of every state and history turn (`fastrank.envs.scienceworld_view`; "room" adds the
+    room and inventory from the Step's free look / inventory texts, exactly as `ScienceWorldEnv` composes them)."""
     if max_wrong_focus > max_negatives:
         raise ValueError(f"max_wrong_focus ({max_wrong_focus}) > max_negatives ({max_negatives})")
     out: list[CandidateSet] = []
@@ -182,8 +185,9 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
         gold_focus |= {FOCUS + s.meta["gold_action"][len(FOCUS):] for s in ep
                        if str(s.meta.get("gold_action", "")).startswith(FOCUS)}
         ep_sets: list[CandidateSet] = []
+        seen = [observation_view(s.observation, s.meta.get("look"), s.meta.get("inventory"), view) for s in ep]
         for i, s in enumerate(ep):
-            history = [[p.expert_action, ep[j + 1].observation] for j, p in enumerate(ep[:i])]
+            history = [[p.expert_action, seen[j + 1]] for j, p in enumerate(ep[:i])]
             if not _labelable(s):
                 st.not_labelled += 1
                 continue
@@ -207,7 +211,7 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
             rng.shuffle(order)  # the label's position carries nothing
             cands = [cands[k] for k in order]
             cs = CandidateSet(env="scienceworld", episode_id=eid, step=s.step, task_type=s.task_type, goal=s.goal,
-                              observation=s.observation, candidates=cands, expert_index=order.index(0),
+                              observation=seen[i], candidates=cands, expert_index=order.index(0),
                               sources=["expert" if k == 0 else "admissible" for k in order], history=history)
             cs.validate()
             ep_sets.append(cs)

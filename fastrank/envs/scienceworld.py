@@ -68,6 +68,7 @@ from fastrank.envs.scienceworld_tasks import (
     task_level,
     task_topic,
 )
+from fastrank.envs.scienceworld_view import VIEWS, observation_view
 from fastrank.paths import shared_data_dir
 
 
@@ -122,7 +123,9 @@ class ScienceWorldEnv:
     (skips the ~0.1-0.5 s the simulator spends building it). admissible_priority: `(goal, recent) -> (action ->
     number)`, e.g. `fastrank.data.features.relevance`: each verb's slots go to its highest-priority actions
     (`bounded_admissible`; recent = the last action and what it returned). generate_gold_path: load tasks with
-    their gold action sequence (`gold_actions`, `info["gold_path"]`; load takes ~1-3 s more)."""
+    their gold action sequence (`gold_actions`, `info["gold_path"]`; load takes ~1-3 s more). observation_view:
+    "feedback" (the simulator's reply, as the original agents' `obs`) or "room" (+ the compacted room and inventory,
+    `fastrank.envs.scienceworld_view`); `info["feedback"]` always holds the reply alone."""
 
     def __init__(
         self,
@@ -133,6 +136,7 @@ class ScienceWorldEnv:
         simplifications: str = "",
         admissible_strategy: str = "stratified",
         admissible_priority=None,
+        observation_view: str = "feedback",
     ) -> None:
         from scienceworld import ScienceWorldEnv as _SW  # lazy: the JVM starts here
 
@@ -143,6 +147,9 @@ class ScienceWorldEnv:
         self.simplifications = simplifications
         self.admissible_strategy = admissible_strategy
         self.admissible_priority = admissible_priority
+        if observation_view not in VIEWS:
+            raise ValueError(f"unknown observation view {observation_view!r}; expected one of {VIEWS}")
+        self.observation_view = observation_view
         self._last_action = ""
         self._env = _SW("", envStepLimit=step_limit)
         self._server = self._env.server
@@ -342,16 +349,18 @@ class ScienceWorldEnv:
                       if self.admissible_priority is not None else None)
                 admissible = bounded_admissible(valid, self.max_admissible, rng, strategy=self.admissible_strategy,
                                                 priority=pr)
+        look, inventory = self.look(), self.inventory()
         info = {
             "score": self._score, "raw_reward": raw_reward, "moves": self.moves(), "n_valid": n_valid,
-            "task": self.task, "variation": self.variation, "look": self.look(),
-            "inventory": self.inventory(), "ambiguous": ambiguous,
+            "task": self.task, "variation": self.variation, "look": look,
+            "inventory": inventory, "ambiguous": ambiguous, "feedback": str(obs),
             "completed": bool(self._server.getCompleted()),
         }
         if self.generate_gold_path:
             info["gold_path"] = list(self._gold)
         return EnvState(
-            observation=str(obs), goal=self.goal, admissible=admissible, task_type=str(self.task),
+            observation=observation_view(str(obs), look, inventory, self.observation_view), goal=self.goal,
+            admissible=admissible, task_type=str(self.task),
             reward=reward, done=done, won=self._score >= 100, info=info,
         )
 
