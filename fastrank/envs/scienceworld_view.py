@@ -30,7 +30,8 @@ def _item(line: str) -> str:
     """One object line of a `look around`, shorter: articles, 'a substance called' and 'The X door is' go."""
     t = _ARTICLE.sub("", line.strip().rstrip(".").strip())
     t = re.sub(r"\b(?:a )?substance called ", "", t, flags=re.I)
-    t = re.sub(r"(^|[(:,] ?|containing )(?:a|an) ", r"\1", t, flags=re.I)  # inner list articles: "(containing a red apple, a banana"
+    # the articles inside a list: "(containing a red apple, a banana"
+    t = re.sub(r"(^|[(:,] ?|containing )(?:a|an) ", r"\1", t, flags=re.I)
     t = re.sub(r"\. The (.+?) door is (open|closed)", r" (\2)", t, flags=re.I)
     t = re.sub(r", which is (?:turned )?(on|off|activated|deactivated)", r" (\1)", t, flags=re.I)
     t = _ON_IN.sub(lambda m: f" ({m.group(1).lower()} it: {m.group(2)})", t)
@@ -56,9 +57,7 @@ def compact_look(look: str) -> str:
         d = _DOOR.match(s)
         if d:
             doors.append(f"{d.group(1)} ({d.group(2)})")
-        elif s.lower().rstrip(".") not in _SKIP and not in_doors:
-            here.append(_item(s))
-        elif in_doors:  # anything else listed after "You also see:"
+        elif in_doors or s.lower().rstrip(".") not in _SKIP:
             here.append(_item(s))
     out = f"room: {name}; here: {'; '.join(here) or 'nothing'}"
     return out + (f"; doors: {', '.join(doors)}" if doors else "")
