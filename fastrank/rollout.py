@@ -27,7 +27,7 @@ class Slot:
     log: list[dict] = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
     decisions: int = 0  # steps decided by the model (not by the expert)
-    tried: dict = field(default_factory=dict)  # (observation, effectful actions so far) -> actions taken from it
+    tried: dict = field(default_factory=dict)  # a key of the world state (`world_key`) -> actions taken from it
 
 
 @dataclass
@@ -39,6 +39,17 @@ class Rollout:
     @property
     def decisions_per_s(self) -> float:
         return self.decisions / self.model_seconds if self.model_seconds else 0.0
+
+
+def world_key(slot: Slot) -> tuple:
+    """What `avoid_repeats` treats as "the same state": the env's full world text when it shows one
+    (`info["world"]`: ScienceWorld's room + inventory, in which `activate sink` then `deactivate sink` returns to the
+    same key, so the toggle loop that filled runs/agent_sw4r's episodes is broken), else the observation and the count
+    of effectful actions so far (ALFWorld: "The drawer 1 is closed." before and after picking up the butterknife are
+    different states; a rule keyed by the observation alone stopped the agent opening the drawer it had to put the
+    knife in: it had opened that drawer while searching)."""
+    world = slot.state.info.get("world") if isinstance(slot.state.info, dict) else None
+    return ("world", world) if world else (slot.state.observation, len(slot.memory.done))
 
 
 def _episode(slot: Slot) -> dict:
@@ -69,7 +80,7 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
     action is chosen, as `on_state(slot, scores)` (scores: {action: score} when the ranker scored this state,
     else None; `score_all` scores the expert's steps too) -- DAgger labels it; a dict it returns is merged
     into that step's log entry. ``avoid_repeats``: take the best action not yet taken from this
-    observation since the last effectful action (a loop breaker; off by default). `on_episode(episode)` sees each episode as it ends (in
+    state (`world_key`; a loop breaker; off by default). `on_episode(episode)` sees each episode as it ends (in
     the order they end), e.g. to log it before a long run is over.
     """
     rng = random.Random(seed)
@@ -134,13 +145,8 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
                 s, c = scores[i], cands[i]
                 order = sorted(range(len(s)), key=lambda k: -s[k])
                 pick = order[0]
-                if avoid_repeats:
-                    # the same observation with nothing changed since (no take / put / heat ... that worked) gives
-                    # the same outcome: skip what was already tried from it. Keyed by the count of effectful
-                    # actions too: "The drawer 1 is closed." before and after picking up the butterknife are
-                    # different states (a rule keyed by the observation alone stopped the agent opening the
-                    # drawer it had to put the knife in: it had opened that drawer while searching)
-                    taken = sl.tried.get((sl.state.observation, len(sl.memory.done)), set())
+                if avoid_repeats:  # the same state gives the same outcome: skip what was already tried from it
+                    taken = sl.tried.get(world_key(sl), set())
                     pick = next((k for k in order if c[k] not in taken), order[0])
                 action, score = c[pick], s[pick]
                 top = [[c[k], s[k]] for k in order[:3]]
@@ -149,7 +155,7 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
             sl.log.append({"observation": sl.state.observation, "n_candidates": len(cands[i]), "action": action,
                            "by": "expert" if use_expert[i] else "policy", "score": score, "top": top,
                            **(extra or {})})
-            sl.tried.setdefault((sl.state.observation, len(sl.memory.done)), set()).add(action)
+            sl.tried.setdefault(world_key(sl), set()).add(action)
             sl.state = sl.env.step(action)
             sl.memory.add(action, sl.state.observation)
     if close_envs:

@@ -128,6 +128,46 @@ def test_avoid_repeats_retries_an_action_once_an_effectful_action_changed_the_wo
                                                                      "open drawer 1"]
 
 
+class _Sink:
+    """ScienceWorld-like: the env shows its world (`info["world"]`); toggling the sink returns to the same world with a
+    different reply, and the task is won by going to the workshop."""
+
+    def _state(self, obs):
+        world = f"room: kitchen; sink ({'on' if self.on else 'off'})"
+        return EnvState(obs, "go to the workshop", ["deactivate sink" if self.on else "activate sink", "go to workshop"],
+                        "t", info={"world": world})
+
+    def reset(self, task):
+        self.on = False
+        return self._state("You look around.")
+
+    def step(self, action):
+        if action == "go to workshop":
+            return EnvState("You move to the workshop.", "go", [], "t", reward=1.0, done=True, won=True)
+        self.on = action == "activate sink"
+        return self._state(f"The sink is now {'activated' if self.on else 'deactivated'}.")
+
+    def close(self):
+        pass
+
+
+class _PrefersSink:
+    def score(self, goal, observation, candidates):
+        on = "now activated" in observation  # it always prefers to flip the sink
+        return torch.tensor([{"activate sink": 1.9 if on else 2.0, "deactivate sink": 2.0 if on else 1.9,
+                              "go to workshop": 0.0}[c] for c in candidates])
+
+
+def test_avoid_repeats_breaks_a_toggle_loop_through_the_world_state():
+    """activate / deactivate produce new replies (and count as effectful), so only the world key sees that the agent
+    is back where it was: the third step is the untried action, not `activate sink` again."""
+    ep = run_episode(_Sink(), _PrefersSink(), None, max_steps=6)
+    assert not ep["won"] and [s["action"] for s in ep["trajectory"]][:4] == ["activate sink", "deactivate sink"] * 2
+    ep = run_episode(_Sink(), _PrefersSink(), None, max_steps=6, avoid_repeats=True)
+    assert ep["won"] and [s["action"] for s in ep["trajectory"]] == ["activate sink", "deactivate sink",
+                                                                     "go to workshop"]
+
+
 def _tiny_checkpoint_and_games(tmp_path):
     """A 1-layer reranker saved under tmp_path (skips without the shared games or the alfworld extra)."""
     if not TARBALL.exists():

@@ -354,6 +354,8 @@ class ScienceWorldEnv:
             "score": self._score, "raw_reward": raw_reward, "moves": self.moves(), "n_valid": n_valid,
             "task": self.task, "variation": self.variation, "look": look,
             "inventory": inventory, "ambiguous": ambiguous, "feedback": str(obs),
+            # the world as the agent can know it, for loop breaking (`fastrank.rollout.world_key`)
+            "world": f"{look}\n{inventory}" if not ambiguous else "",
             "completed": bool(self._server.getCompleted()),
         }
         if self.generate_gold_path:
