@@ -55,6 +55,7 @@ class AgentConfig:
     sw_staples: bool = False  # every training set also holds wait1 / wait / look around / inventory when not its label
     sw_view: str = "feedback"  # the observation the policy reads: feedback | room (+ the room and the inventory,
     #                            fastrank.envs.scienceworld_view), saved with the model so agent-eval shows the same
+    sw_siblings: int = 0  # negatives sharing the gold action's verb (open door to kitchen beside open door to workshop)
     sw_valid_sample: int = 300  # valid actions kept per replayed state (verb-stratified; 100000: all, ~1,700)
     # WebShop recipe (recipes/agent_webshop.py) only
     ws_teacher: str = "reward"  # reward (reads the hidden reward) | readable (decides on what the pages show)

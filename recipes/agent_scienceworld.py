@@ -30,7 +30,7 @@ def build_sets(cfg: AgentConfig, out: Path):
     res = replay_steps(pairs, out / "replay.cache.jsonl", n_sample=cfg.sw_valid_sample)
     print(res)
     sets, stats = agent_sets(res.steps + gold_file_steps(), max_negatives=cfg.max_negatives, staples=cfg.sw_staples,
-                             view=cfg.sw_view, max_sets_per_episode=MAX_SETS_PER_EPISODE, seed=cfg.seed)
+                             view=cfg.sw_view, max_siblings=cfg.sw_siblings, max_sets_per_episode=MAX_SETS_PER_EPISODE, seed=cfg.seed)
     info = {"pairs": len(pairs), "replayed_episodes": res.episodes,
             "replay_failures": [[f["task"], f["variation"], f["error"].strip().splitlines()[-1][:200]]
                                 for f in res.failures], **stats.as_dict()}
@@ -66,7 +66,8 @@ def write_report(results: dict, out: Path) -> Path:
              f"Training: {results['train']['steps']} steps, {results['train']['seconds']:.0f} s, final loss "
              f"{results['train']['final_loss']}, train top-1 {results['train']['train_top1']}.", "",
              f"## Test sample: {ev['episodes']} tasks (ETO test, seed 0), {results['max_steps']} steps, "
-             f"{results['max_candidates']} candidates, focus guard on", "",
+             f"{results['max_candidates']} candidates, focus guard on, avoid_repeats "
+             f"{'on' if results['config']['avoid_repeats'] else 'off'}", "",
              f"mean score **{ev['mean_score']:.1f}**, success {ev['success_rate']:.0%}, mean steps {ev['mean_steps']:.1f}, "
              f"repeated actions {ev['repeated_action_rate']:.1%}, {ev['decisions_per_s']:.2f} decisions/s, "
              f"{ev['wall_seconds']:.0f} s. Episodes lost right after a `focus on`: "
@@ -116,14 +117,16 @@ def main(cfg: AgentConfig) -> dict:
         make_env, tasks, guard = _scienceworld_tasks(args)
         batch = min(cfg.batch_size, 2)  # one JVM per game in flight, as the CLI caps it
         res = evaluate_agent(model, "scienceworld", make_env, tasks, max_steps=cfg.max_steps, batch_size=batch,
-                             candidates=guard, seed=0, desc=f"agent-eval scienceworld {cfg.final_eval_split}")
+                             candidates=guard, avoid_repeats=cfg.avoid_repeats, seed=0,
+                             desc=f"agent-eval scienceworld {cfg.final_eval_split}")
         write_episodes(out / "agent_eval_scienceworld.jsonl", res["episodes"])
         results.update(eval=res["summary"], episodes=res["episodes"],
                        focus_audit=focus_audit(res["episodes"]), max_steps=cfg.max_steps,
                        max_candidates=cfg.max_candidates,
                        command=(f"fastrank agent-eval --env scienceworld --split {cfg.final_eval_split} --tasks "
                                 f"{cfg.final_eval_games} --max-steps {cfg.max_steps} --max-candidates "
-                                f"{cfg.max_candidates} --batch-size {batch} --checkpoint {out / 'model'}"))
+                                f"{cfg.max_candidates} --batch-size {batch} "
+                                f"{'--avoid-repeats' if cfg.avoid_repeats else '--allow-repeats'} --checkpoint {out / 'model'}"))
         write_report(results, out)
         results.pop("episodes")
     results["minutes"] = round((time.perf_counter() - t0) / 60, 2)

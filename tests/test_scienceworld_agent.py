@@ -119,6 +119,21 @@ def test_wrong_focus_named_by_the_goal_come_first_and_right_targets_are_spared()
         agent_sets(steps, max_negatives=3, max_wrong_focus=4)
 
 
+def test_sibling_negatives_share_the_gold_verb():
+    goal = "Your task is to turn on the electric buzzer. First, focus on the electric buzzer."
+    doors = [f"open door to {r}" for r in ("kitchen", "workshop", "bedroom", "greenhouse", "art studio")]
+    adm = sorted(doors + [f"connect a{i} to b{i}" for i in range(30)] + [f"pour c{i} into d{i}" for i in range(30)]
+                 + ["look around", "wait1", "go to hallway"])
+    steps = [_step(goal, "open door to workshop", adm, 0)]
+    (plain,), _ = agent_sets(steps, max_negatives=6, max_wrong_focus=0)
+    (sib,), _ = agent_sets(steps, max_negatives=6, max_wrong_focus=0, max_siblings=3)
+    opens = lambda cs: [a for i, a in enumerate(cs.candidates) if i != cs.expert_index and a.startswith("open ")]
+    assert len(opens(sib)) >= 3 and len(sib.candidates) == 7 and sib.expert_action == "open door to workshop"
+    assert len(opens(plain)) <= 1  # one slot per verb: the contrast the policy needs was rare
+    with pytest.raises(ValueError, match="max_siblings"):
+        agent_sets(steps, max_negatives=6, max_wrong_focus=4, max_siblings=3)
+
+
 def test_staples_are_negatives_unless_they_are_the_label():
     goal = "Your task is to boil water. First, focus on the substance."
     adm = sorted(["wait1", "wait", "look around", "inventory", "open oven", "activate stove"]

@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 
 from fastrank.data.features import relevance
 from fastrank.data.record import CandidateSet, Step
-from fastrank.envs.scienceworld_actions import bounded_admissible, stable_seed
+from fastrank.envs.scienceworld_actions import action_verb, bounded_admissible, stable_seed
 from fastrank.envs.scienceworld_tasks import canonical_task_name, eto_split_pairs
 from fastrank.envs.scienceworld_view import observation_view
 
@@ -168,15 +168,20 @@ STAPLES = ("wait1", "wait", "look around", "inventory")  # in every ScienceWorld
 
 def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focus: int = 4,
                max_sets_per_episode: int | None = None, seed: int = 0, staples: bool = False,
-               view: str = "feedback") -> tuple[list[CandidateSet], SetStats]:
+               view: str = "feedback", max_siblings: int = 0) -> tuple[list[CandidateSet], SetStats]:
     """One history-carrying CandidateSet per labelable gold step (see the module doc), and counts.
     `staples`: every set also holds the always-valid actions (`STAPLES`) that are not its label: the relevance cut
     of the negatives never picks them (they name no goal word), yet the evaluation offers them at every step, and
     a model that had seen `wait1` only as a label waited through whole episodes (runs/agent_sw2, agent_sw4).
     `view`: the observation text of every state and history turn (`fastrank.envs.scienceworld_view`; "room" adds the
-    room and inventory from the Step's free look / inventory texts, exactly as `ScienceWorldEnv` composes them)."""
-    if max_wrong_focus > max_negatives:
-        raise ValueError(f"max_wrong_focus ({max_wrong_focus}) > max_negatives ({max_negatives})")
+    room and inventory from the Step's free look / inventory texts, exactly as `ScienceWorldEnv` composes them).
+    `max_siblings`: up to that many of the negatives share the gold action's verb (`open door to kitchen` beside
+    `open door to workshop`), drawn at random: the goal-word cut and the verb strata gave about one such action a
+    set, and a policy trained so scored every `open door to X` of the hallway alike (runs/agent_sw4r: 5.04 / 5.03 /
+    5.01), while the evaluation offers them all."""
+    if max_wrong_focus + max_siblings > max_negatives:
+        raise ValueError(f"max_wrong_focus + max_siblings ({max_wrong_focus} + {max_siblings}) > max_negatives "
+                         f"({max_negatives})")
     out: list[CandidateSet] = []
     st = SetStats()
     for eid, ep in episodes_of(steps).items():
@@ -200,10 +205,15 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
             rng.shuffle(unnamed)
             wrong = (named + unnamed)[:max_wrong_focus]
             rest = [a for a in others if not a.startswith(FOCUS)]  # the wrong-focus cap holds
+            verb = action_verb(s.expert_action)
+            siblings = [a for a in rest if action_verb(a) == verb]
+            siblings = rng.sample(siblings, min(len(siblings), max_siblings))
+            rest = [a for a in rest if a not in set(siblings)]
             # the evaluation env's cut (`--candidate-order relevance`): negatives that name the goal's words, as
             # the policy will meet them
-            negs = wrong + bounded_admissible(rest, min(len(rest), max_negatives - len(wrong)), rng,
-                                              priority=relevance(s.goal, _recent(ep, i)))
+            negs = wrong + siblings + bounded_admissible(
+                rest, min(len(rest), max_negatives - len(wrong) - len(siblings)), rng,
+                priority=relevance(s.goal, _recent(ep, i)))
             if staples:  # always offered, and the gold action in 15 % of states (wait1): the policy must learn when not
                 negs += [a for a in STAPLES if a in rest and a not in negs]
             cands = [s.expert_action] + negs
