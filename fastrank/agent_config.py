@@ -56,6 +56,7 @@ class AgentConfig:
     sw_view: str = "feedback"  # the observation the policy reads: feedback | room (+ the room and the inventory,
     #                            fastrank.envs.scienceworld_view), saved with the model so agent-eval shows the same
     sw_siblings: int = 0  # negatives sharing the gold action's verb (open door to kitchen beside open door to workshop)
+    sw_guarded_focus: bool = False  # wrong-focus negatives only on objects the goal names (what the focus guard offers)
     sw_valid_sample: int = 300  # valid actions kept per replayed state (verb-stratified; 100000: all, ~1,700)
     # WebShop recipe (recipes/agent_webshop.py) only
     ws_teacher: str = "reward"  # reward (reads the hidden reward) | readable (decides on what the pages show)

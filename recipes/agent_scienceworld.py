@@ -30,7 +30,8 @@ def build_sets(cfg: AgentConfig, out: Path):
     res = replay_steps(pairs, out / "replay.cache.jsonl", n_sample=cfg.sw_valid_sample)
     print(res)
     sets, stats = agent_sets(res.steps + gold_file_steps(), max_negatives=cfg.max_negatives, staples=cfg.sw_staples,
-                             view=cfg.sw_view, max_siblings=cfg.sw_siblings, max_sets_per_episode=MAX_SETS_PER_EPISODE, seed=cfg.seed)
+                             view=cfg.sw_view, max_siblings=cfg.sw_siblings,
+                             guarded_focus=cfg.sw_guarded_focus, max_sets_per_episode=MAX_SETS_PER_EPISODE, seed=cfg.seed)
     info = {"pairs": len(pairs), "replayed_episodes": res.episodes,
             "replay_failures": [[f["task"], f["variation"], f["error"].strip().splitlines()[-1][:200]]
                                 for f in res.failures], **stats.as_dict()}

@@ -117,6 +117,10 @@ def test_wrong_focus_named_by_the_goal_come_first_and_right_targets_are_spared()
     assert sets[1].history == [["pick up thermometer", "obs"]]
     with pytest.raises(ValueError, match="max_wrong_focus"):
         agent_sets(steps, max_negatives=3, max_wrong_focus=4)
+    guarded, _ = agent_sets(steps, max_negatives=11, max_wrong_focus=4, guarded_focus=True)
+    for cs in guarded:  # only the wrong focus the evaluation's guard offers: the orange box
+        wrong = [a for i, a in enumerate(cs.candidates) if i != cs.expert_index and a.startswith("focus on ")]
+        assert wrong == ["focus on orange box"] and len(cs.candidates) == 12
 
 
 def test_sibling_negatives_share_the_gold_verb():

@@ -168,7 +168,8 @@ STAPLES = ("wait1", "wait", "look around", "inventory")  # in every ScienceWorld
 
 def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focus: int = 4,
                max_sets_per_episode: int | None = None, seed: int = 0, staples: bool = False,
-               view: str = "feedback", max_siblings: int = 0) -> tuple[list[CandidateSet], SetStats]:
+               view: str = "feedback", max_siblings: int = 0,
+               guarded_focus: bool = False) -> tuple[list[CandidateSet], SetStats]:
     """One history-carrying CandidateSet per labelable gold step (see the module doc), and counts.
     `staples`: every set also holds the always-valid actions (`STAPLES`) that are not its label: the relevance cut
     of the negatives never picks them (they name no goal word), yet the evaluation offers them at every step, and
@@ -178,7 +179,10 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
     `max_siblings`: up to that many of the negatives share the gold action's verb (`open door to kitchen` beside
     `open door to workshop`), drawn at random: the goal-word cut and the verb strata gave about one such action a
     set, and a policy trained so scored every `open door to X` of the hallway alike (runs/agent_sw4r: 5.04 / 5.03 /
-    5.01), while the evaluation offers them all."""
+    5.01), while the evaluation offers them all.
+    `guarded_focus`: wrong `focus on` negatives only among those `agent_eval.focus_guard` lets through (the goal names
+    the object): the evaluation never offers the others, and with them in every set (18,330 negatives against ~200
+    focus labels, runs/agent_sw8x) the policy learned that a focus is bad and ranked the goal's `focus on buzzer` 18th."""
     if max_wrong_focus + max_siblings > max_negatives:
         raise ValueError(f"max_wrong_focus + max_siblings ({max_wrong_focus} + {max_siblings}) > max_negatives "
                          f"({max_negatives})")
@@ -200,11 +204,11 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
             others = [a for a in dict.fromkeys(s.admissible) if a != s.expert_action and a not in gold_focus]
             focus = [a for a in others if a.startswith(FOCUS)]
             named = [a for a in focus if focus_named(s.goal, a)]
-            unnamed = [a for a in focus if a not in set(named)]
+            unnamed = [] if guarded_focus else [a for a in focus if a not in set(named)]
             rng.shuffle(named)
             rng.shuffle(unnamed)
             wrong = (named + unnamed)[:max_wrong_focus]
-            rest = [a for a in others if not a.startswith(FOCUS)]  # the wrong-focus cap holds
+            rest = [a for a in others if not a.startswith(FOCUS)]  # the wrong-focus cap holds (and the guard)
             verb = action_verb(s.expert_action)
             siblings = [a for a in rest if action_verb(a) == verb]
             siblings = rng.sample(siblings, min(len(siblings), max_siblings))
