@@ -95,10 +95,10 @@ def _scienceworld_tasks(args: argparse.Namespace):
 def checkpoint_view(checkpoint) -> str:
     """The ScienceWorld observation view a checkpoint was trained on (`Featurizer.observation_view`; "feedback" for
     checkpoints saved before it existed)."""
-    from fastrank.model import META_NAME
+    from fastrank.data.features import Featurizer
+    from fastrank.model import read_meta
 
-    meta = json.loads((Path(checkpoint) / META_NAME).read_text())
-    return meta.get("featurizer", {}).get("observation_view", "feedback")
+    return Featurizer(**read_meta(checkpoint)["featurizer"]).observation_view
 
 
 def _webshop_tasks(args: argparse.Namespace):

@@ -523,12 +523,7 @@ class Reranker(nn.Module):
         ``Reranker.from_pretrained(path).rank(...)`` works whichever recipe trained ``path``.
         """
         src = Path(save_dir)
-        if not (src / META_NAME).is_file():
-            raise FileNotFoundError(f"{src}: not a fastrank checkpoint (no {META_NAME}; "
-                                    f"an encoder from the hub goes through Reranker.from_encoder)")
-        meta = json.loads((src / META_NAME).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{src}: unsupported fastrank format {meta.get('format_version')}")
+        meta = read_meta(src)
         if cls is Reranker:
             cls = _saved_class(meta, src)
         model = cls.from_config(AutoConfig.from_pretrained(src), AutoTokenizer.from_pretrained(src),
@@ -545,6 +540,18 @@ class Reranker(nn.Module):
                     packed_attention=meta.get("packed_attention", "varlen"), layout=meta.get("layout", "pairs"),
                     head_pooler=meta.get("head", {}).get("type") == POOLER_HEAD,
                     max_action_tokens=meta.get("max_action_tokens", MAX_ACTION_TOKENS))
+
+
+def read_meta(save_dir: str | os.PathLike) -> dict:
+    """A checkpoint's `fastrank.json` (featurizer, layout, heads, ...), checked to be one this fastrank reads."""
+    src = Path(save_dir)
+    if not (src / META_NAME).is_file():
+        raise FileNotFoundError(f"{src}: not a fastrank checkpoint (no {META_NAME}; "
+                                f"an encoder from the hub goes through Reranker.from_encoder)")
+    meta = json.loads((src / META_NAME).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{src}: unsupported fastrank format {meta.get('format_version')}")
+    return meta
 
 
 def _saved_class(meta: dict, src: Path) -> type[Reranker]:

@@ -48,7 +48,7 @@ def world_key(slot: Slot) -> tuple:
     of effectful actions so far (ALFWorld: "The drawer 1 is closed." before and after picking up the butterknife are
     different states; a rule keyed by the observation alone stopped the agent opening the drawer it had to put the
     knife in: it had opened that drawer while searching)."""
-    world = slot.state.info.get("world") if isinstance(slot.state.info, dict) else None
+    world = slot.state.info.get("world")
     return ("world", world) if world else (slot.state.observation, len(slot.memory.done))
 
 
@@ -137,6 +137,7 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
         for i, sl in acting.items():
             # e.g. DAgger's expert label; it also sees the ranker's scores (hard negatives), when there are any
             extra = on_state(sl, dict(zip(cands[i], scores[i])) if i in scores else None) if on_state else None
+            key = world_key(sl)  # the state this action is taken from (recorded for expert steps too)
             if use_expert[i]:
                 action, score, top = expert(sl.state), None, []
                 if action is None:
@@ -146,7 +147,7 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
                 order = sorted(range(len(s)), key=lambda k: -s[k])
                 pick = order[0]
                 if avoid_repeats:  # the same state gives the same outcome: skip what was already tried from it
-                    taken = sl.tried.get(world_key(sl), set())
+                    taken = sl.tried.get(key, set())
                     pick = next((k for k in order if c[k] not in taken), order[0])
                 action, score = c[pick], s[pick]
                 top = [[c[k], s[k]] for k in order[:3]]
@@ -155,7 +156,7 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
             sl.log.append({"observation": sl.state.observation, "n_candidates": len(cands[i]), "action": action,
                            "by": "expert" if use_expert[i] else "policy", "score": score, "top": top,
                            **(extra or {})})
-            sl.tried.setdefault(world_key(sl), set()).add(action)
+            sl.tried.setdefault(key, set()).add(action)
             sl.state = sl.env.step(action)
             sl.memory.add(action, sl.state.observation)
     if close_envs:

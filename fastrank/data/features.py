@@ -23,7 +23,7 @@ from fastrank.data.goal_roles import goal_roles
 from fastrank.data.page_context import item_note, listing_text, off_page, page_listing, verbatim_in
 from fastrank.data.words import stem as _stem
 from fastrank.data.words import words
-from fastrank.envs.scienceworld_view import VIEWS
+from fastrank.envs.scienceworld_view import check_view
 
 FEATURE_MODES = ("state_action_overlap", "state_action", "history", "state_action_overlap_compact")
 # The ``history`` mode's candidate notes, versioned so a saved model reads the text it was trained on:
@@ -92,8 +92,7 @@ class Featurizer:
             raise ValueError(f"unknown feature mode {self.mode!r}; expected one of {FEATURE_MODES}")
         if not 1 <= self.notes <= NOTES_VERSION:
             raise ValueError(f"notes version {self.notes} unknown to this fastrank (1..{NOTES_VERSION})")
-        if self.observation_view not in VIEWS:
-            raise ValueError(f"unknown observation view {self.observation_view!r}; expected one of {VIEWS}")
+        check_view(self.observation_view)
 
     @property
     def uses_history(self) -> bool:

@@ -204,15 +204,19 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
             others = [a for a in dict.fromkeys(s.admissible) if a != s.expert_action and a not in gold_focus]
             focus = [a for a in others if a.startswith(FOCUS)]
             named = [a for a in focus if focus_named(s.goal, a)]
-            unnamed = [] if guarded_focus else [a for a in focus if a not in set(named)]
+            named_set = set(named)
+            unnamed = [] if guarded_focus else [a for a in focus if a not in named_set]
             rng.shuffle(named)
             rng.shuffle(unnamed)
             wrong = (named + unnamed)[:max_wrong_focus]
             rest = [a for a in others if not a.startswith(FOCUS)]  # the wrong-focus cap holds (and the guard)
-            verb = action_verb(s.expert_action)
-            siblings = [a for a in rest if action_verb(a) == verb]
-            siblings = rng.sample(siblings, min(len(siblings), max_siblings))
-            rest = [a for a in rest if a not in set(siblings)]
+            siblings = []
+            if max_siblings:  # skipped, not sampled at 0: ~1,700 verb lookups a state (a 0-sample draws nothing)
+                verb = action_verb(s.expert_action)
+                siblings = [a for a in rest if action_verb(a) == verb]
+                siblings = rng.sample(siblings, min(len(siblings), max_siblings))
+                sibling_set = set(siblings)
+                rest = [a for a in rest if a not in sibling_set]
             # the evaluation env's cut (`--candidate-order relevance`): negatives that name the goal's words, as
             # the policy will meet them
             negs = wrong + siblings + bounded_admissible(

@@ -68,7 +68,7 @@ from fastrank.envs.scienceworld_tasks import (
     task_level,
     task_topic,
 )
-from fastrank.envs.scienceworld_view import VIEWS, observation_view
+from fastrank.envs.scienceworld_view import check_view, observation_view
 from fastrank.paths import shared_data_dir
 
 
@@ -147,9 +147,7 @@ class ScienceWorldEnv:
         self.simplifications = simplifications
         self.admissible_strategy = admissible_strategy
         self.admissible_priority = admissible_priority
-        if observation_view not in VIEWS:
-            raise ValueError(f"unknown observation view {observation_view!r}; expected one of {VIEWS}")
-        self.observation_view = observation_view
+        self.observation_view = check_view(observation_view)  # at construction, not at the first step
         self._last_action = ""
         self._env = _SW("", envStepLimit=step_limit)
         self._server = self._env.server

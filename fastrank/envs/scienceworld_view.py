@@ -26,6 +26,13 @@ _DOOR = re.compile(r"^a door to the (.+?) \(that is (open|closed)\)$", re.I)
 _ON_IN = re.compile(r"\. (On|In) the [^.:]+? is: (.+?)\.?$", re.I)
 
 
+def check_view(view: str) -> str:
+    """`view`, or a ValueError naming the views there are."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown ScienceWorld observation view {view!r}; expected one of {VIEWS}")
+    return view
+
+
 def _item(line: str) -> str:
     """One object line of a `look around`, shorter: articles, 'a substance called' and 'The X door is' go."""
     t = _ARTICLE.sub("", line.strip().rstrip(".").strip())
@@ -72,9 +79,7 @@ def compact_inventory(inventory: str) -> str:
 def observation_view(feedback: str, look: str | None, inventory: str | None, view: str = "feedback") -> str:
     """The observation text a policy reads. `feedback`: the simulator's reply to the last action (after a reset or
     a `look around`, the look text itself, which is then not repeated)."""
-    if view not in VIEWS:
-        raise ValueError(f"unknown ScienceWorld observation view {view!r}; expected one of {VIEWS}")
-    if view == "feedback":
+    if check_view(view) == "feedback":
         return feedback
     fb = feedback.strip()
     room = compact_look(look or "")
