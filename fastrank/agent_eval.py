@@ -18,6 +18,7 @@ import contextlib
 import json
 import re
 import time
+from typing import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -50,8 +51,8 @@ def spread_over_types(games: list, n: int | None) -> list:
 _FOCUS = re.compile(r"^focus on (.+)$")
 
 
-def focus_guard(goal: str, actions: list[str]) -> list[str]:
-    """ScienceWorld: drop `focus on X` unless every word of X is named in the goal.
+def focus_guard(goal: str, actions: list[str], focused: Sequence[str] = ()) -> list[str]:
+    """ScienceWorld: drop `focus on X` unless every word of X is named in the goal, or when X was focused on already.
 
     Focusing on an object the task does not name ends the episode at score -100, and every ScienceWorld
     goal names what to focus on ("focus on the substance", "focus on the red box"); this is a rule of the
@@ -59,11 +60,19 @@ def focus_guard(goal: str, actions: list[str]) -> list[str]:
     (`focus on substance in metal pot`, `focus on thermometer in inventory`: the gold focus of boil, melt,
     freeze, use-thermometer, ...), so only the words before the first " in " must be named. Goals that name
     a category (find-*, lifespan-*, identify-life-stages-*: "find a(n) animal") never name the object, so
-    there the guard removes the right focus too. Keeps the list when it would empty it."""
+    there the guard removes the right focus too. `focused` (`info["focused"]`, the names the simulator's "You focus on
+    the X." replies gave): a second focus on the same object changes nothing in the game, yet runs/agent_sw8g3k's boil
+    episode spent 10 of its 50 steps re-focusing the gallium. Keeps the list when it would empty it."""
     gw = set(re.findall(r"[a-z0-9]+", goal.lower()))
-    keep = [a for a in actions if not (m := _FOCUS.match(a.strip().lower()))
-            or set(re.findall(r"[a-z0-9]+", m.group(1).split(" in ", 1)[0])) <= gw]
-    return keep or actions
+    done = {f.lower() for f in focused}
+
+    def allowed(action: str) -> bool:
+        if (m := _FOCUS.match(action.strip().lower())) is None:
+            return True
+        head = m.group(1).split(" in ", 1)[0]
+        return set(re.findall(r"[a-z0-9]+", head)) <= gw and head.removeprefix("the ") not in done
+
+    return [a for a in actions if allowed(a)] or actions
 
 
 def _alfworld_tasks(args: argparse.Namespace):
@@ -85,7 +94,8 @@ def _scienceworld_tasks(args: argparse.Namespace):
 
     split = args.split if args.split != "valid_seen" else "test"
     pairs = select_pairs(split=split, per_task=1, seed=args.seed)[: args.tasks]
-    guard = None if args.no_focus_guard else (lambda s: focus_guard(s.goal, list(s.admissible)))
+    guard = None if args.no_focus_guard else (
+        lambda s: focus_guard(s.goal, list(s.admissible), s.info.get("focused", ())))
     order = relevance if args.candidate_order == "relevance" else None
     view = getattr(args, "observation_view", None) or checkpoint_view(args.checkpoint)
     return (lambda: ScienceWorldEnv(max_admissible=args.max_candidates, step_limit=args.max_steps,

@@ -352,3 +352,21 @@ def test_real_gold_episode_wins_and_dedups_aliases(sw_env):
         # (the gold path re-opens open doors: accepted, "The door is already open.", not listed)
         assert s.meta["canonical_method"] == "parser" or not s.meta["gold_in_valid"]
     assert sum(s.meta["canonical_method"] == "parser" for s in steps) >= len(steps) // 2
+
+
+@needs_sim
+def test_focused_objects_are_recorded_and_not_offered_again(sw_env):
+    from fastrank.agent_eval import focus_guard
+
+    state = sw_env.reset(("use-thermometer", 0))
+    assert state.info["focused"] == ()
+    gold = state.info["gold_path"]
+    for action in gold[: next(i for i, a in enumerate(gold) if a.startswith("focus on ")) + 1]:
+        state = sw_env.step(action)
+    name = state.info["focused"][-1]  # what the simulator's "You focus on the X." reply named
+    assert state.info["focused"] == (name,) and state.observation.startswith(f"You focus on the {name}")
+    again = [a for a in sw_env.valid_actions() if a == f"focus on {name}"]
+    assert again  # still valid in the game, but it would change nothing
+    kept = focus_guard(state.goal, again + ["look around"], state.info["focused"])
+    assert kept == ["look around"]
+    assert focus_guard(state.goal, again + ["look around"]) == again + ["look around"]

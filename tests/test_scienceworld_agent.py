@@ -266,3 +266,13 @@ def test_replayed_sets_match_what_the_eval_env_shows(tmp_path, view):
         assert state.won
     finally:
         env.close()
+
+
+def test_focus_guard_drops_an_object_already_focused():
+    goal = ("Your task is to boil gallium. For compounds without a boiling point, combusting the substance is also "
+            "acceptable. First, focus on the substance. Then, take actions that will cause it to change its state of "
+            "matter.")  # the goal of the test sample's boil task
+    acts = ["focus on gallium", "focus on gallium in metal pot", "focus on substance in metal pot", "move gallium to pot"]
+    assert focus_guard(goal, acts) == acts[:3] + acts[3:]
+    assert focus_guard(goal, acts, focused=("gallium",)) == ["focus on substance in metal pot", "move gallium to pot"]
+    assert focus_guard(goal, ["focus on gallium"], focused=("gallium",)) == ["focus on gallium"]  # never empty

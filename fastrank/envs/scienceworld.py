@@ -17,7 +17,8 @@ What a state holds
   the step limit passed.
 - `info`: score, raw_reward, moves, n_valid (distinct valid strings), task, variation, look and
   inventory (free actions, no game time), `ambiguous` (the parser is waiting for a number, see
-  below), and `gold_path` when the env was built with `generate_gold_path=True`.
+  below), `focused` (the objects focused on so far, from the simulator's "You focus on the X." replies), and
+  `gold_path` when the env was built with `generate_gold_path=True`.
 
 Ambiguity prompts: when an input matches several objects the simulator answers "Ambiguous request:
 Please enter the number ..." and waits for a digit (gold paths contain such "0" answers).
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -158,6 +160,7 @@ class ScienceWorldEnv:
         self._score = 0
         self._valid_cache: list[dict] | None = None
         self._n_steps = 0
+        self._focused: list[str] = []
 
     # ---- TextEnv
     def reset(self, task: object) -> EnvState:
@@ -173,6 +176,7 @@ class ScienceWorldEnv:
         self._score = 0
         self._n_steps = 0
         self._last_action = ""
+        self._focused = []
         obs = self._server.step("look around")  # what the simulator's own reset() does
         self.goal = str(self._server.getTaskDescription())
         self._score = self._read_score()
@@ -184,6 +188,8 @@ class ScienceWorldEnv:
         obs = self._server.step(action)
         self._n_steps += 1
         self._last_action = action
+        if (m := _FOCUSED.match(str(obs).strip())) is not None:
+            self._focused.append(m.group(1).lower())
         score = self._read_score()
         raw_reward = score - self._score
         self._score = score
@@ -355,6 +361,7 @@ class ScienceWorldEnv:
             # the world as the agent can know it, for loop breaking (`fastrank.rollout.world_key`)
             "world": f"{look}\n{inventory}" if not ambiguous else "",
             "completed": bool(self._server.getCompleted()),
+            "focused": tuple(self._focused),  # objects focused on so far, as the simulator named them
         }
         if self.generate_gold_path:
             info["gold_path"] = list(self._gold)
@@ -363,6 +370,10 @@ class ScienceWorldEnv:
             admissible=admissible, task_type=str(self.task),
             reward=reward, done=done, won=self._score >= 100, info=info,
         )
+
+
+# the simulator's reply to a focus it accepted; the name is what `focus on <name>` spells
+_FOCUSED = re.compile(r"^You focus on (?:the )?(.+?)\.?$")
 
 
 def _parse_task_arg(task: object) -> tuple[str, int]:
