@@ -22,10 +22,13 @@ import fcntl
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import sys
 import tarfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,6 +312,12 @@ def _start(game_file: str):
     return textworld.start(game_file, request_infos=infos, wrappers=wrappers)
 
 
+def _game_key(game_file: str) -> str:
+    """A game's name independent of where the games were unpacked (task folder / trial folder)."""
+    parts = Path(game_file).parts
+    return "/".join(parts[-3:-1])
+
+
 class AlfworldEnv:
     """One ALFWorld game at a time through TextWorld; implements `fastrank.envs.base.TextEnv`.
 
@@ -317,11 +326,13 @@ class AlfworldEnv:
     info = {"expert_plan": the handcoded expert's next action, "game_file", "episode_id", "feedback"
     (raw text)}). `step(action)` -> EnvState with observation = the action's feedback, the step's
     reward, done, won. The expert suggestion in `info["expert_plan"]` is already "look" when its own
-    choice was not admissible (that is what the AlfredExpert wrapper does).
+    choice was not admissible (that is what the AlfredExpert wrapper does). The expert's random picks come
+    from a generator of the env's own, seeded by `expert_seed` or else by the game (`_seeded_expert`).
     """
 
-    def __init__(self, game_file: str | os.PathLike | None = None):
+    def __init__(self, game_file: str | os.PathLike | None = None, expert_seed: int | None = None):
         self.game_file: str | None = str(game_file) if game_file is not None else None
+        self.expert_seed = expert_seed  # None: seeded by the game (`_game_key`), the same in every run
         self._env = None
         self._goal = ""
         self._task_type = ""
@@ -335,9 +346,12 @@ class AlfworldEnv:
             raise ValueError("AlfworldEnv.reset: no game file given")
         self.close()
         argv = list(sys.argv)  # the PDDL loader overwrites sys.argv (['translate.py', 'domain', 'task'])
+        seed = self.expert_seed if self.expert_seed is not None else zlib.crc32(_game_key(self.game_file).encode())
+        self._expert_rng = random.Random(seed)
         try:
             self._env = _start(self.game_file)
-            state = self._env.reset()
+            with self._seeded_expert():
+                state = self._env.reset()
         except SystemExit as exc:  # the PDDL loader calls sys.exit on some games
             self.close()
             raise GameLoadError(f"{self.game_file}: game loader called sys.exit({exc.code!r})") from None
@@ -354,9 +368,25 @@ class AlfworldEnv:
             raise RuntimeError("AlfworldEnv.step before reset")
         if getattr(self, "_expert_rec", None) is not None:
             self._expert_rec.clear()
-        state, reward, done = self._env.step(action)
+        with self._seeded_expert():
+            state, reward, done = self._env.step(action)
         self.steps += 1
         return self._state(state, clean_feedback(state["feedback"]), float(reward or 0.0), bool(done))
+
+    @contextmanager
+    def _seeded_expert(self):
+        """The handcoded expert picks a random admissible command when its plan repeats itself, and some task
+        policies pick among objects at random, all from the global `random`: two runs of one recipe collected
+        different expert data (3,879 vs 3,853 round-0 states from the same 240 games). During our env's calls it
+        draws from this game's own generator instead (seeded by the game), so an episode is reproducible whatever
+        else ran before it in the process."""
+        from alfworld.agents.expert import handcoded_expert as hx
+
+        saved, hx.random = hx.random, self._expert_rng
+        try:
+            yield
+        finally:
+            hx.random = saved
 
     def _instrument_expert(self) -> None:
         """Record what the handcoded expert itself chose, to tell its policy's action from fallbacks.

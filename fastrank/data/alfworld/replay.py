@@ -101,9 +101,7 @@ def replay_episode(game_file: str | os.PathLike, *, max_steps: int = DEFAULT_MAX
     rec = {"episode_id": episode_id, "game": game_rel(game_file), "split": split, "task_type": None,
            "status": "error", "won": False, "n_steps": 0, "max_steps": max_steps, "seed": seed,
            "seconds": 0.0, "error": None, "steps": []}
-    state_py = random.getstate()
-    random.seed(episode_seed(episode_id, seed))  # the handcoded expert draws from `random`
-    env = AlfworldEnv(game_file)
+    env = AlfworldEnv(game_file, expert_seed=episode_seed(episode_id, seed))
     try:
         rec["task_type"] = task_type_of(game_file)
         s = env.reset()
@@ -138,7 +136,6 @@ def replay_episode(game_file: str | os.PathLike, *, max_steps: int = DEFAULT_MAX
             env.close()
         except Exception:  # noqa: BLE001
             pass
-        random.setstate(state_py)
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return rec
 
