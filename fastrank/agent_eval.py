@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import time
-from typing import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from fastrank.envs.base import TextEnv
+from fastrank.envs.scienceworld_focus import focus_guard  # noqa: F401 - `agent_eval.focus_guard`, as before
 from fastrank.rollout import run_episodes
 
 
@@ -46,33 +45,6 @@ def spread_over_types(games: list, n: int | None) -> list:
             if q and len(out) < n:
                 out.append(q.pop(0))
     return out
-
-
-_FOCUS = re.compile(r"^focus on (.+)$")
-
-
-def focus_guard(goal: str, actions: list[str], focused: Sequence[str] = ()) -> list[str]:
-    """ScienceWorld: drop `focus on X` unless every word of X is named in the goal, or when X was focused on already.
-
-    Focusing on an object the task does not name ends the episode at score -100, and every ScienceWorld
-    goal names what to focus on ("focus on the substance", "focus on the red box"); this is a rule of the
-    environment, not of any particular task. The simulator qualifies a referent by where it is
-    (`focus on substance in metal pot`, `focus on thermometer in inventory`: the gold focus of boil, melt,
-    freeze, use-thermometer, ...), so only the words before the first " in " must be named. Goals that name
-    a category (find-*, lifespan-*, identify-life-stages-*: "find a(n) animal") never name the object, so
-    there the guard removes the right focus too. `focused` (`info["focused"]`, the names the simulator's "You focus on
-    the X." replies gave): a second focus on the same object changes nothing in the game, yet runs/agent_sw8g3k's boil
-    episode spent 10 of its 50 steps re-focusing the gallium. Keeps the list when it would empty it."""
-    gw = set(re.findall(r"[a-z0-9]+", goal.lower()))
-    done = {f.lower() for f in focused}
-
-    def allowed(action: str) -> bool:
-        if (m := _FOCUS.match(action.strip().lower())) is None:
-            return True
-        head = m.group(1).split(" in ", 1)[0]
-        return set(re.findall(r"[a-z0-9]+", head)) <= gw and head.removeprefix("the ") not in done
-
-    return [a for a in actions if allowed(a)] or actions
 
 
 def _alfworld_tasks(args: argparse.Namespace):

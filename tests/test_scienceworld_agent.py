@@ -219,7 +219,9 @@ def test_focus_guard_drops_objects_the_goal_does_not_name():
     assert focus_guard(boil["goal"], acts) == ["focus on substance in metal pot", "pick up metal pot"]
     meas = next(e for e in _gold_episodes() if e["task"] == "measure-melting-point-known-substance")
     # both boxes are named: choosing between them is the model's job, not the guard's
-    assert focus_guard(meas["goal"], ["focus on blue box", "focus on orange box", "focus on red box"]) == [
+    ordered = [a.split("focus on ", 1)[1].split(" in ", 1)[0] for s in meas["steps"]
+               if (a := s["action"]).startswith("focus on ") and "box" not in a]  # the thermometer, the substance
+    assert focus_guard(meas["goal"], ["focus on blue box", "focus on orange box", "focus on red box"], ordered) == [
         "focus on blue box", "focus on orange box"]
     assert focus_guard(boil["goal"], ["focus on air"]) == ["focus on air"]  # never empties the list
 
@@ -276,3 +278,44 @@ def test_focus_guard_drops_an_object_already_focused():
     assert focus_guard(goal, acts) == acts[:3] + acts[3:]
     assert focus_guard(goal, acts, focused=("gallium",)) == ["focus on substance in metal pot", "move gallium to pot"]
     assert focus_guard(goal, ["focus on gallium"], focused=("gallium",)) == ["focus on gallium"]  # never empty
+
+
+def _goal(task):
+    return next(e for e in _gold_episodes() if e["task"] == task)["goal"]
+
+
+def test_focus_guard_follows_the_order_the_goal_gives():
+    goal = _goal("use-thermometer")  # "First, focus on the thermometer. Next, focus on the unknown substance B."
+    sub, thermo = "focus on unknown substance B in inventory", "focus on thermometer in inventory"
+    assert focus_guard(goal, [sub, thermo, "wait"]) == [thermo, "wait"]
+    assert focus_guard(goal, [sub, thermo, "wait"], focused=("thermometer",)) == [sub, "wait"]
+    assert focus_guard(goal, [sub, "wait"], focused=("thermometer", "unknown substance B")) == ["wait"]
+
+    goal = _goal("measure-melting-point-known-substance")  # thermometer, chocolate, then one of two boxes
+    acts = ["focus on blue box", "focus on orange box", "focus on chocolate", "focus on thermometer in inventory"]
+    assert focus_guard(goal, acts) == acts[3:]
+    assert focus_guard(goal, acts, focused=("thermometer",)) == ["focus on chocolate"]
+    assert focus_guard(goal, acts, focused=("thermometer", "chocolate")) == acts[:2]
+    # the simulator may name the focused object with its state: still the thermometer
+    assert focus_guard(goal, acts, focused=("thermometer, currently reading 10 degrees celsius",)) == [
+        "focus on chocolate"]
+
+    boil = "Your task is to boil gallium. First, focus on the substance. Then, take actions that will cause it to change."
+    # the ordered target is "the substance"; the object is called gallium: the name rule alone applies
+    assert focus_guard(boil, ["focus on gallium", "focus on substance in metal pot"]) == [
+        "focus on gallium", "focus on substance in metal pot"]
+
+
+def test_every_gold_focus_passes_the_guard_in_the_gold_order():
+    """Each gold path's focus actions, in order, each with the earlier ones as `focused` (the tasks whose goal names a
+    category are the known limit of the name rule, pinned above)."""
+    checked = 0
+    for e in _gold_episodes():
+        gold = [s["action"] for s in e["steps"] if s["action"].startswith("focus on ")]
+        if not all(focus_named(e["goal"], a) for a in gold):
+            continue
+        for k, a in enumerate(gold):
+            focused = [g.split("focus on ", 1)[1].split(" in ", 1)[0] for g in gold[:k]]
+            assert focus_guard(e["goal"], [a, "wait"], focused) == [a, "wait"], (e["task"], a, focused)
+            checked += 1
+    assert checked >= 30  # 35 focus actions of the 50-episode file

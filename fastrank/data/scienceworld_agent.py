@@ -17,7 +17,7 @@ One `CandidateSet(env="scienceworld")` per decision of a gold path:
 - candidates: the gold action (label) and up to `max_negatives` other valid actions of that state:
   first up to `max_wrong_focus` **wrong `focus on` actions** (focus on anything the gold path never
   focuses on -- a wrong focus ends a real episode at score -100), those the goal names first (they pass
-  `agent_eval.focus_guard`, so only the model can reject them at evaluation), then a verb-stratified
+  `scienceworld_focus.focus_guard`, so only the model can reject them at evaluation), then a verb-stratified
   sample of the other (non-focus) actions (`bounded_admissible`, the policy the evaluation env uses to bound
   its list).
   The gold path's own focus targets are never negatives: they are right, only at another time.
@@ -42,6 +42,7 @@ from typing import Iterable, Sequence
 from fastrank.data.features import relevance
 from fastrank.data.record import CandidateSet, Step
 from fastrank.envs.scienceworld_actions import action_verb, bounded_admissible, stable_seed
+from fastrank.envs.scienceworld_focus import named_by_goal
 from fastrank.envs.scienceworld_tasks import canonical_task_name, eto_split_pairs
 from fastrank.envs.scienceworld_view import observation_view
 
@@ -113,10 +114,9 @@ def _labelable(s: Step) -> bool:
 
 
 def focus_named(goal: str, action: str) -> bool:
-    """Whether `agent_eval.focus_guard` lets this `focus on` action through (the goal names its object)."""
-    from fastrank.agent_eval import focus_guard
-
-    return action in focus_guard(goal, [action, "look around"])
+    """Whether the goal names this `focus on` action's object (`scienceworld_focus.named_by_goal`: the focus guard's
+    first rule; its order and re-focus rules depend on the episode, not on the set)."""
+    return named_by_goal(goal, action)
 
 
 @dataclass
@@ -180,7 +180,7 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
     `open door to workshop`), drawn at random: the goal-word cut and the verb strata gave about one such action a
     set, and a policy trained so scored every `open door to X` of the hallway alike (runs/agent_sw4r: 5.04 / 5.03 /
     5.01), while the evaluation offers them all.
-    `guarded_focus`: wrong `focus on` negatives only among those `agent_eval.focus_guard` lets through (the goal names
+    `guarded_focus`: wrong `focus on` negatives only among those `scienceworld_focus.focus_guard` lets through (the goal names
     the object): the evaluation never offers the others, and with them in every set (18,330 negatives against ~200
     focus labels, runs/agent_sw8x) the policy learned that a focus is bad and ranked the goal's `focus on buzzer` 18th."""
     if max_wrong_focus + max_siblings > max_negatives:
