@@ -358,6 +358,13 @@ def test_real_gold_episode_wins_and_dedups_aliases(sw_env):
 def test_focused_objects_are_recorded_and_not_offered_again(sw_env):
     from fastrank.agent_eval import focus_guard
 
+    state = sw_env.reset(("boil", 0))  # the gold focus says "substance", the simulator says "water": both are kept
+    gold = state.info["gold_path"]
+    for action in gold[: next(i for i, a in enumerate(gold) if a.startswith("focus on ")) + 1]:
+        state = sw_env.step(action)
+    assert state.info["feedback"] == "You focus on the water." and state.info["focused"] == ("water", "substance")
+    assert focus_guard(state.goal, ["focus on substance in metal pot", "wait"], state.info["focused"]) == ["wait"]
+
     state = sw_env.reset(("use-thermometer", 0))
     assert state.info["focused"] == ()
     gold = state.info["gold_path"]

@@ -17,7 +17,8 @@ What a state holds
   the step limit passed.
 - `info`: score, raw_reward, moves, n_valid (distinct valid strings), task, variation, look and
   inventory (free actions, no game time), `ambiguous` (the parser is waiting for a number, see
-  below), `focused` (the objects focused on so far, from the simulator's "You focus on the X." replies), and
+  below), `focused` (the objects focused on so far: the names in the simulator's "You focus on the X." replies
+  and the objects the focus actions named), and
   `gold_path` when the env was built with `generate_gold_path=True`.
 
 Ambiguity prompts: when an input matches several objects the simulator answers "Ambiguous request:
@@ -70,6 +71,7 @@ from fastrank.envs.scienceworld_tasks import (
     task_level,
     task_topic,
 )
+from fastrank.envs.scienceworld_focus import focus_head
 from fastrank.envs.scienceworld_view import check_view, observation_view
 from fastrank.paths import shared_data_dir
 
@@ -189,7 +191,9 @@ class ScienceWorldEnv:
         self._n_steps += 1
         self._last_action = action
         if (m := _FOCUSED.match(str(obs).strip())) is not None:
-            self._focused.append(m.group(1).lower())
+            # the name the simulator gives ("tin") and the one the action used ("substance in jug" -> "substance"):
+            # the agent may spell the same focus either way
+            self._focused += dict.fromkeys(n for n in (m.group(1).lower(), focus_head(action)) if n)
         score = self._read_score()
         raw_reward = score - self._score
         self._score = score
@@ -361,7 +365,7 @@ class ScienceWorldEnv:
             # the world as the agent can know it, for loop breaking (`fastrank.rollout.world_key`)
             "world": f"{look}\n{inventory}" if not ambiguous else "",
             "completed": bool(self._server.getCompleted()),
-            "focused": tuple(self._focused),  # objects focused on so far, as the simulator named them
+            "focused": tuple(self._focused),  # objects focused on so far, as the simulator and the actions named them
         }
         if self.generate_gold_path:
             info["gold_path"] = list(self._gold)
