@@ -67,7 +67,7 @@ def _scienceworld_tasks(args: argparse.Namespace):
     split = args.split if args.split != "valid_seen" else "test"
     pairs = select_pairs(split=split, per_task=1, seed=args.seed)[: args.tasks]
     guard = None if args.no_focus_guard else (
-        lambda s: focus_guard(s.goal, list(s.admissible), s.info.get("focused", ())))
+        lambda s: focus_guard(s.goal, list(s.admissible), s.info.get("focused", ()), s.info.get("world", "")))
     order = relevance if args.candidate_order == "relevance" else None
     view = getattr(args, "observation_view", None) or checkpoint_view(args.checkpoint)
     return (lambda: ScienceWorldEnv(max_admissible=args.max_candidates, step_limit=args.max_steps,

@@ -319,3 +319,16 @@ def test_every_gold_focus_passes_the_guard_in_the_gold_order():
             assert focus_guard(e["goal"], [a, "wait"], focused) == [a, "wait"], (e["task"], a, focused)
             checked += 1
     assert checked >= 30  # 35 focus actions of the 50-episode file
+
+
+def test_focus_on_a_substance_needs_the_goal_to_name_what_the_container_holds():
+    world = ("This room is called the kitchen. In it, you see:\n\ta glass jar (containing a substance called sodium "
+             "chloride)\n\ta jug (containing a substance called orange juice)\nIn your inventory, you see:\n\ta metal "
+             "pot (containing a substance called water)\n\tan orange\n")
+    boil_water = "Your task is to boil water. First, focus on the substance. Then, take actions that will cause it."
+    melt_gallium = "Your task is to melt gallium. First, focus on the substance. Then, take actions that will cause it."
+    acts = ["focus on substance in metal pot", "focus on substance in glass jar", "wait"]
+    assert focus_guard(boil_water, acts, world=world) == ["focus on substance in metal pot", "wait"]
+    assert focus_guard(melt_gallium, acts, world=world) == ["wait"]
+    assert focus_guard(melt_gallium, ["focus on substance in cup", "wait"], world=world) == ["wait"]  # not in view
+    assert focus_guard(melt_gallium, acts) == acts  # no world text: the name rule alone

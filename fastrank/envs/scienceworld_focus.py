@@ -16,6 +16,7 @@ _FOCUS = re.compile(r"^focus on (.+)$")
 _ORDERED = re.compile(r"\b(?:first|next|then), focus on (?:the |a |an )?([^.]+)\.", re.IGNORECASE)
 _ANY = re.compile(r"focus on (?:the |a |an )?([^.,]+)", re.IGNORECASE)
 _STOP = {"the", "a", "an"}
+_GENERIC = {"substance", "called", "nothing", "and", "of", "in", "on", "is", "it", "to", "with", "unknown"}
 
 
 def _words(text: str) -> set[str]:
@@ -50,7 +51,18 @@ def _is(target: set[str], name_words: set[str]) -> bool:
     return bool(target) and bool(name_words) and (target <= name_words or name_words <= target)
 
 
-def focus_guard(goal: str, actions: list[str], focused: Sequence[str] = ()) -> list[str]:
+def holds_named_substance(goal: str, action: str, world: str) -> bool:
+    """`focus on substance in C` focuses on whatever C holds; the world text says what that is ("a metal pot
+    (containing a substance called water)"). True when the goal names it, False when it does not or C's contents are
+    not in view (a focus cannot be taken back). runs/agent_sw8g3k_s1 focused the `substance in jug` in melt / freeze
+    and the `substance in metal pot` in test-conductivity-of-unknown-substances: -100 each."""
+    container = action.strip().lower().split(" in ")[1]  # "substance in metal pot in inventory": the pot
+    m = re.search(re.escape(container) + r" \(containing ([^)]*)\)", world.lower())
+    held = _words(m.group(1)) - _GENERIC if m else set()
+    return bool(held & (_words(goal) - _GENERIC))
+
+
+def focus_guard(goal: str, actions: list[str], focused: Sequence[str] = (), world: str = "") -> list[str]:
     """The actions without the `focus on X` that would fail the task or change nothing:
 
     - X not named by the goal (`named_by_goal`);
@@ -59,7 +71,9 @@ def focus_guard(goal: str, actions: list[str], focused: Sequence[str] = ()) -> l
       re-focusing the gallium);
     - X out of the goal's order: while an ordered target ("First, focus on the thermometer.") is not focused yet,
       no focus on a later one (a `Next, ...` target or any conditional box); runs/agent_sw8g3k focused the wire
-      before the thermometer in use-thermometer and lost the episode at -100 in one of two evaluations.
+      before the thermometer in use-thermometer and lost the episode at -100 in one of two evaluations;
+    - X = `substance in C` when C does not hold a substance the goal names (`holds_named_substance`; only when
+      `world`, the room and inventory text, is given).
 
     Keeps the list when it would empty it."""
     done = [_words(f) for f in focused]
@@ -77,6 +91,8 @@ def focus_guard(goal: str, actions: list[str], focused: Sequence[str] = ()) -> l
             return True
         words = _words(head)
         if not named_by_goal(goal, action) or any(words <= d for d in done):  # d may carry a state
+            return False
+        if world and head == "substance" and " in " in action and not holds_named_substance(goal, action, world):
             return False
         return pending is None or _is(order[pending], words) or not any(words <= t for t in waiting)
 
