@@ -332,3 +332,13 @@ def test_focus_on_a_substance_needs_the_goal_to_name_what_the_container_holds():
     assert focus_guard(melt_gallium, acts, world=world) == ["wait"]
     assert focus_guard(melt_gallium, ["focus on substance in cup", "wait"], world=world) == ["wait"]  # not in view
     assert focus_guard(melt_gallium, acts) == acts  # no world text: the name rule alone
+
+
+def test_focus_guard_holds_to_the_pending_target():
+    goal = ("Your task is to measure the temperature of wire, which is located around the living room. First, focus on "
+            "the thermometer. Next, focus on the wire. If the wire temperature is above 0.0 degrees celsius, place it "
+            "in the blue box. If the wire temperature is below 0.0 degrees celsius, place it in the orange box.")
+    acts = ["focus on orange", "focus on wire", "focus on thermometer", "wait"]  # an orange is in the inventory
+    assert focus_guard(goal, acts) == ["focus on thermometer", "wait"]
+    assert focus_guard(goal, acts, focused=("thermometer",)) == ["focus on wire", "wait"]
+    assert focus_guard(goal, acts, focused=("thermometer", "wire")) == ["wait"]  # no focus is left to take

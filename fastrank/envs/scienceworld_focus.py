@@ -16,6 +16,7 @@ _FOCUS = re.compile(r"^focus on (.+)$")
 _ORDERED = re.compile(r"\b(?:first|next|then), focus on (?:the |a |an )?([^.]+)\.", re.IGNORECASE)
 _ANY = re.compile(r"focus on (?:the |a |an )?([^.,]+)", re.IGNORECASE)
 _STOP = {"the", "a", "an"}
+_PLACEHOLDER = {"substance", "thing"}  # an ordered target that stands for an object the goal names elsewhere
 _GENERIC = {"substance", "called", "nothing", "and", "of", "in", "on", "is", "it", "to", "with", "unknown"}
 
 
@@ -70,8 +71,10 @@ def focus_guard(goal: str, actions: list[str], focused: Sequence[str] = (), worl
       replies; a second focus changes nothing, yet runs/agent_sw8g3k's boil episode spent 10 of its 50 steps
       re-focusing the gallium);
     - X out of the goal's order: while an ordered target ("First, focus on the thermometer.") is not focused yet,
-      no focus on a later one (a `Next, ...` target or any conditional box); runs/agent_sw8g3k focused the wire
-      before the thermometer in use-thermometer and lost the episode at -100 in one of two evaluations;
+      only that target (runs/agent_sw8g3k focused the wire before the thermometer in use-thermometer, and
+      runs/agent_sw8g3k_s1 the orange, named by "the orange box": -100 each); a placeholder target ("the
+      substance") lets through what the goal names, but no later target; once the ordered targets are focused,
+      only the goal's other focus phrases (the conditional boxes), if it has any;
     - X = `substance in C` when C does not hold a substance the goal names (`holds_named_substance`; only when
       `world`, the room and inventory text, is given).
 
@@ -79,11 +82,8 @@ def focus_guard(goal: str, actions: list[str], focused: Sequence[str] = (), worl
     done = [_words(f) for f in focused]
     order = ordered_targets(goal)
     pending = next((k for k, t in enumerate(order) if not any(_is(t, d) for d in done)), None)
-    # what must wait for the pending target: the later ordered targets and every other focus the goal mentions
-    # (the conditional boxes); an object no focus phrase names (boil orders "the substance", the object is called
-    # "gallium") is left to the name rule
-    waiting = ([] if pending is None else
-               order[pending + 1:] + [t for t in map(_words, _ANY.findall(goal)) if t not in order])
+    # after the ordered focuses only the goal's other focus phrases are left (the conditional boxes), if any
+    rest = [t for t in map(_words, _ANY.findall(goal)) if t not in order]
 
     def allowed(action: str) -> bool:
         head = focus_head(action)
@@ -94,6 +94,11 @@ def focus_guard(goal: str, actions: list[str], focused: Sequence[str] = (), worl
             return False
         if world and head == "substance" and " in " in action and not holds_named_substance(goal, action, world):
             return False
-        return pending is None or _is(order[pending], words) or not any(words <= t for t in waiting)
+        if pending is not None:
+            target = order[pending]
+            if target <= _PLACEHOLDER:  # "First, focus on the substance.": the goal names it elsewhere (gallium)
+                return not any(words <= t for t in order[pending + 1:] + rest)
+            return _is(target, words)
+        return not order or any(_is(t, words) for t in rest)
 
     return [a for a in actions if allowed(a)] or actions
