@@ -17,8 +17,8 @@ One `CandidateSet(env="scienceworld")` per decision of a gold path:
 - candidates: the gold action (label) and up to `max_negatives` other valid actions of that state:
   first up to `max_wrong_focus` **wrong `focus on` actions** (focus on anything the gold path never
   focuses on -- a wrong focus ends a real episode at score -100), those the goal names first (they pass
-  `scienceworld_focus.focus_guard`, so only the model can reject them at evaluation), then a verb-stratified
-  sample of the other (non-focus) actions (`bounded_admissible`, the policy the evaluation env uses to bound
+  the focus guard's name rule, `scienceworld_focus.named_by_goal`, so the model must reject them), then a
+  verb-stratified sample of the other (non-focus) actions (`bounded_admissible`, the policy the evaluation env uses to bound
   its list).
   The gold path's own focus targets are never negatives: they are right, only at another time.
 - States whose gold action is not a valid-list string (the simulator accepts a few unlisted aliases, e.g.
@@ -180,9 +180,10 @@ def agent_sets(steps: Iterable[Step], *, max_negatives: int = 11, max_wrong_focu
     `open door to workshop`), drawn at random: the goal-word cut and the verb strata gave about one such action a
     set, and a policy trained so scored every `open door to X` of the hallway alike (runs/agent_sw4r: 5.04 / 5.03 /
     5.01), while the evaluation offers them all.
-    `guarded_focus`: wrong `focus on` negatives only among those `scienceworld_focus.focus_guard` lets through (the goal names
-    the object): the evaluation never offers the others, and with them in every set (18,330 negatives against ~200
-    focus labels, runs/agent_sw8x) the policy learned that a focus is bad and ranked the goal's `focus on buzzer` 18th."""
+    `guarded_focus`: wrong `focus on` negatives only on objects the goal names (`focus_named`, the focus guard's
+    name rule): the evaluation never offers the others, and with them in every set (18,330 negatives against ~200
+    focus labels, runs/agent_sw8x) the policy learned that a focus is bad and ranked the goal's `focus on buzzer`
+    18th."""
     if max_wrong_focus + max_siblings > max_negatives:
         raise ValueError(f"max_wrong_focus + max_siblings ({max_wrong_focus} + {max_siblings}) > max_negatives "
                          f"({max_negatives})")

@@ -312,12 +312,6 @@ def _start(game_file: str):
     return textworld.start(game_file, request_infos=infos, wrappers=wrappers)
 
 
-def _game_key(game_file: str) -> str:
-    """A game's name independent of where the games were unpacked (task folder / trial folder)."""
-    parts = Path(game_file).parts
-    return "/".join(parts[-3:-1])
-
-
 class AlfworldEnv:
     """One ALFWorld game at a time through TextWorld; implements `fastrank.envs.base.TextEnv`.
 
@@ -332,7 +326,7 @@ class AlfworldEnv:
 
     def __init__(self, game_file: str | os.PathLike | None = None, expert_seed: int | None = None):
         self.game_file: str | None = str(game_file) if game_file is not None else None
-        self.expert_seed = expert_seed  # None: seeded by the game (`_game_key`), the same in every run
+        self.expert_seed = expert_seed  # None: seeded by the game's name, the same in every run
         self._env = None
         self._goal = ""
         self._task_type = ""
@@ -346,7 +340,9 @@ class AlfworldEnv:
             raise ValueError("AlfworldEnv.reset: no game file given")
         self.close()
         argv = list(sys.argv)  # the PDDL loader overwrites sys.argv (['translate.py', 'domain', 'task'])
-        seed = self.expert_seed if self.expert_seed is not None else zlib.crc32(_game_key(self.game_file).encode())
+        seed = self.expert_seed
+        if seed is None:  # "<task folder>/<trial>": the game, wherever the games were unpacked
+            seed = zlib.crc32(episode_id_for(self.game_file).split("/", 2)[2].encode())
         self._expert_rng = random.Random(seed)
         try:
             self._env = _start(self.game_file)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -71,7 +70,7 @@ from fastrank.envs.scienceworld_tasks import (
     task_level,
     task_topic,
 )
-from fastrank.envs.scienceworld_focus import focus_head
+from fastrank.envs.scienceworld_focus import focused_names
 from fastrank.envs.scienceworld_view import check_view, observation_view
 from fastrank.paths import shared_data_dir
 
@@ -190,10 +189,7 @@ class ScienceWorldEnv:
         obs = self._server.step(action)
         self._n_steps += 1
         self._last_action = action
-        if (m := _FOCUSED.match(str(obs).strip())) is not None:
-            # the name the simulator gives ("tin") and the one the action used ("substance in jug" -> "substance"):
-            # the agent may spell the same focus either way
-            self._focused += dict.fromkeys(n for n in (m.group(1).lower(), focus_head(action)) if n)
+        self._focused += focused_names(str(obs), action)
         score = self._read_score()
         raw_reward = score - self._score
         self._score = score
@@ -374,10 +370,6 @@ class ScienceWorldEnv:
             admissible=admissible, task_type=str(self.task),
             reward=reward, done=done, won=self._score >= 100, info=info,
         )
-
-
-# the simulator's reply to a focus it accepted; the name is what `focus on <name>` spells
-_FOCUSED = re.compile(r"^You focus on (?:the )?(.+?)\.?$")
 
 
 def _parse_task_arg(task: object) -> tuple[str, int]:

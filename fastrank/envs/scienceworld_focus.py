@@ -11,6 +11,7 @@ import re
 from typing import Sequence
 
 _FOCUS = re.compile(r"^focus on (.+)$")
+_FOCUSED = re.compile(r"^You focus on (?:the )?(.+?)\.?$")  # the simulator's reply to a focus it accepted
 # a focus the goal orders ("First, focus on the thermometer.", "Next, ...", "Then, ..."); conditional ones
 # ("If the melting point is above 50 degrees, focus on the blue box.") come after all of these
 _ORDERED = re.compile(r"\b(?:first|next|then), focus on (?:the |a |an )?([^.]+)\.", re.IGNORECASE)
@@ -29,6 +30,14 @@ def focus_head(action: str) -> str | None:
     pot` -> "substance"); None for any other action."""
     m = _FOCUS.match(action.strip().lower())
     return m.group(1).split(" in ", 1)[0].removeprefix("the ") if m else None
+
+
+def focused_names(reply: str, action: str) -> list[str]:
+    """The names of what `action` focused on, when the simulator's `reply` says it did ("You focus on the tin."):
+    the simulator's name ("tin") and the action's ("substance in jug" -> "substance"), since the agent may spell
+    the same focus either way; [] for any other reply."""
+    m = _FOCUSED.match(reply.strip())
+    return list(dict.fromkeys(n for n in (m.group(1).lower(), focus_head(action)) if n)) if m else []
 
 
 def named_by_goal(goal: str, action: str) -> bool:
