@@ -10,6 +10,8 @@ real ALFWorld decision states as bench/bench_decision.py (expert episodes of val
 history), 11 candidates a set (the expert's action + 10 admissible ones, as the agent recipe trains), in:
   pairs          the paper's layout: one (goal + observation, action) sequence per candidate, 128 tokens
   shared_prefix  the agent recipes' layout: goal + observation + history (192 tokens) once per set
+and in fp32 or under bf16 autocast (`--mixed_precision bf16`: on a CPU with AVX512-BF16 the matmuls run in bf16;
+on an AVX2-only CPU bf16 is far slower, STACK_NOTES).
 extra_info: seconds per step (median of the rounds), candidates per second, tokens per step.
 """
 import os
@@ -35,9 +37,10 @@ def sets():
             for i, (g, o, c, h) in enumerate(states)]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("dropout", [0.1, 0.0])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_train_step(benchmark, layout, dropout, sets):
+def test_train_step(benchmark, layout, dropout, precision, sets):
     mode, max_length = LAYOUTS[layout]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(0)
@@ -49,7 +52,9 @@ def test_train_step(benchmark, layout, dropout, sets):
 
     def step():
         t = time.perf_counter()
-        model(batch).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            scores = model(batch)
+        scores.float().sum().backward()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
 

@@ -21,6 +21,7 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,7 +46,19 @@ def agent_accelerator(cfg: AgentConfig) -> Accelerator:
         import os
 
         torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+        if accelerator.mixed_precision == "bf16" and not cpu_has_bf16():
+            warnings.warn("--mixed_precision bf16 on a CPU without AVX512-BF16 / AMX: bf16 matmuls are emulated "
+                          "there (~50x slower than fp32, STACK_NOTES); use --mixed_precision no", stacklevel=2)
     return accelerator
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU does bf16 matmuls in hardware (Linux /proc/cpuinfo flags; elsewhere assumed yes)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def agent_model(cfg: AgentConfig, device):
@@ -272,8 +285,9 @@ def run_dagger(cfg: AgentConfig) -> dict:
         """The policy alone on the fixed train games (the per-round table's eval columns)."""
         if not eval_games:
             return None
-        ro_eval = run_episodes(AlfworldEnv, _shard(eval_games, accelerator), policy, max_steps=cfg.max_steps,
-                               batch_size=cfg.batch_size, seed=cfg.seed, avoid_repeats=cfg.avoid_repeats)
+        with accelerator.autocast():
+            ro_eval = run_episodes(AlfworldEnv, _shard(eval_games, accelerator), policy, max_steps=cfg.max_steps,
+                                   batch_size=cfg.batch_size, seed=cfg.seed, avoid_repeats=cfg.avoid_repeats)
         episodes = _gather(ro_eval.episodes, accelerator)
         ev = summarize(episodes)
         ev.pop("per_task_type", None)
@@ -301,8 +315,9 @@ def run_dagger(cfg: AgentConfig) -> dict:
         first = sum(cfg.episodes[:r])
         round_games = pool[first:first + cfg.episodes[r]]
         beta = cfg.betas[r]
-        new, ro = collect(model if beta < 1 else None, AlfworldEnv, _shard(round_games, accelerator), beta, cfg,
-                          seed=cfg.seed + r, desc=f"round {r} rollouts (beta {beta:.2f})")
+        with accelerator.autocast():  # the policy's decisions in the training precision (bf16: faster)
+            new, ro = collect(model if beta < 1 else None, AlfworldEnv, _shard(round_games, accelerator), beta,
+                              cfg, seed=cfg.seed + r, desc=f"round {r} rollouts (beta {beta:.2f})")
         new, episodes = _gather(new, accelerator), _gather(ro.episodes, accelerator)
         rng = random.Random(cfg.seed + 1000 + r)
         replay = rng.sample(aggregate, min(len(aggregate), int(cfg.old_ratio * len(new))))
