@@ -121,6 +121,16 @@ def test_bounded_admissible_deterministic_capped_must_include():
         bounded_admissible(VALID, 1, 0, must_include=["a", "b"])
 
 
+def test_bounded_admissible_depends_on_the_set_not_its_order():
+    # the simulator's list order changes with what its JVM loaded before; the sample must not
+    shuffled = list(VALID)
+    for seed in range(4):
+        random.Random(seed).shuffle(shuffled)
+        assert bounded_admissible(shuffled, 20, 7) == bounded_admissible(VALID, 20, 7)
+        assert bounded_admissible(shuffled, 20, 7, strategy="uniform") == bounded_admissible(
+            VALID, 20, 7, strategy="uniform")
+
+
 def test_bounded_admissible_priority_gives_each_verb_its_most_relevant_actions():
     from fastrank.data.features import relevance
 
@@ -381,3 +391,19 @@ def test_focused_objects_are_recorded_and_not_offered_again(sw_env):
     kept = focus_guard(state.goal, again + ["look around"], state.info["focused"])
     assert kept == ["look around"]
     assert focus_guard(state.goal, again + ["look around"]) == again + ["look around"]
+
+
+@needs_sim
+def test_admissible_sample_does_not_depend_on_the_env_history(sw_env):
+    # a reused env (another game loaded and played first) lists the valid actions in another order
+    from fastrank.envs.scienceworld import ScienceWorldEnv
+
+    fresh = ScienceWorldEnv(max_admissible=30)
+    try:
+        first = fresh.reset(("boil", 0)).admissible
+    finally:
+        fresh.close()
+    state = sw_env.reset(("melt", 0))
+    sw_env.step(state.admissible[0])
+    again = sw_env.reset(("boil", 0))
+    assert again.admissible == first

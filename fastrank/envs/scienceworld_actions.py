@@ -63,7 +63,7 @@ def bounded_admissible(
       but a verb's slots go to its most relevant actions instead of random ones.
     - "uniform": a plain `rng.sample`.
     The result is sorted alphabetically, so an action's position carries no information about
-    whether it was forced in. Deterministic given the rng seed. Raises if must_include exceeds k.
+    whether it was forced in. Deterministic given the rng seed and the set of actions (not their order). Raises if must_include exceeds k.
     """
     if k < 0:
         raise ValueError("k must be >= 0")
@@ -71,7 +71,9 @@ def bounded_admissible(
     if len(must) > k:
         raise ValueError(f"{len(must)} must_include actions exceed the cap k={k}")
     must_set = set(must)
-    rest = [a for a in dedupe(valid) if a not in must_set]
+    # sorted first: the simulator lists valid actions in an order that depends on what the JVM loaded before
+    # (object ids), and the sample must depend on the set only, or one game plays differently per env reuse
+    rest = sorted(a for a in dedupe(valid) if a not in must_set)
     budget = k - len(must)
     r = _as_rng(rng)
     if budget >= len(rest):
