@@ -52,10 +52,10 @@ def agent_accelerator(cfg: AgentConfig) -> Accelerator:
     return accelerator
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU does bf16 matmuls in hardware (Linux /proc/cpuinfo flags; elsewhere assumed yes)."""
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU does bf16 matmuls in hardware (Linux cpuinfo flags; where there is none, assumed yes)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path(cpuinfo).read_text()
     except OSError:
         return True
     return "avx512_bf16" in flags or "amx_bf16" in flags

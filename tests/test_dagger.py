@@ -209,3 +209,17 @@ def test_notes_key_pins_the_featurizer_version_of_a_fresh_model():
     assert agent_model(AgentConfig(), torch.device("cpu")).featurizer.notes == NOTES_VERSION
     with pytest.raises(ValueError, match="notes version"):
         agent_model(AgentConfig(notes=NOTES_VERSION + 1), torch.device("cpu"))
+
+
+def test_cpu_has_bf16_reads_the_cpu_flags(tmp_path):
+    from fastrank.dagger import cpu_has_bf16
+
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("flags\t\t: fpu sse sse2 avx avx2 fma\n")
+    zen4 = tmp_path / "zen4"
+    zen4.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    sapphire = tmp_path / "spr"
+    sapphire.write_text("flags\t\t: avx512f amx_bf16 amx_tile\n")
+    assert not cpu_has_bf16(str(avx2))
+    assert cpu_has_bf16(str(zen4)) and cpu_has_bf16(str(sapphire))
+    assert cpu_has_bf16(str(tmp_path / "absent"))  # no cpuinfo (macOS, Windows): not second-guessed
