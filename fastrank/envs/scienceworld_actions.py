@@ -63,7 +63,8 @@ def bounded_admissible(
       but a verb's slots go to its most relevant actions instead of random ones.
     - "uniform": a plain `rng.sample`.
     The result is sorted alphabetically, so an action's position carries no information about
-    whether it was forced in. Deterministic given the rng seed and the set of actions (not their order). Raises if must_include exceeds k.
+    whether it was forced in. Deterministic given the rng seed and the set of actions (not their order).
+    Raises if must_include exceeds k.
     """
     if k < 0:
         raise ValueError("k must be >= 0")
