@@ -34,7 +34,7 @@ from fastrank.data.goal_roles import goal_roles
 from fastrank.data.record import CandidateSet, read_records, write_records
 from fastrank.ops import listwise_rank_loss, pairwise_rank_loss
 from fastrank.packing import TokenBudgetBatchSampler
-from fastrank.train import build_optimizer, linear_warmup
+from fastrank.train import build_optimizer, cpu_has_bf16, linear_warmup
 from fastrank.rollout import Slot, run_episodes
 
 
@@ -50,15 +50,6 @@ def agent_accelerator(cfg: AgentConfig) -> Accelerator:
             warnings.warn("--mixed_precision bf16 on a CPU without AVX512-BF16 / AMX: bf16 matmuls are emulated "
                           "there (~50x slower than fp32, STACK_NOTES); use --mixed_precision no", stacklevel=2)
     return accelerator
-
-
-def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU does bf16 matmuls in hardware (Linux cpuinfo flags; where there is none, assumed yes)."""
-    try:
-        flags = Path(cpuinfo).read_text()
-    except OSError:
-        return True
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def agent_model(cfg: AgentConfig, device):

@@ -212,7 +212,7 @@ def test_notes_key_pins_the_featurizer_version_of_a_fresh_model():
 
 
 def test_cpu_has_bf16_reads_the_cpu_flags(tmp_path):
-    from fastrank.dagger import cpu_has_bf16
+    from fastrank.train import cpu_has_bf16
 
     avx2 = tmp_path / "avx2"
     avx2.write_text("flags\t\t: fpu sse sse2 avx avx2 fma\n")
