@@ -23,6 +23,8 @@ class AgentConfig:
     max_steps: int = 50  # step limit per episode (ALFWorld's own evaluation limit)
     avoid_repeats: bool = True  # the policy takes its best action not yet taken from the same observation, in
     # rollouts and evaluations alike (agent-eval's ALFWorld default), so DAgger labels the states it really visits
+    repeat_penalty: float = 0.0  # subtracted from an action's score per earlier time the episode took it (rollouts +
+    # evals; fastrank.rollout); 0: off
     batch_size: int = 8  # games in lockstep, scored in one batch
     search_labels: str = "expert"  # DAgger rounds (beta < 1): "expert" labels every state; "inferable" skips the
     # expert's "go to X" while the agent holds no goal object: it goes straight to where the object is, which no

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import time
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -26,10 +27,11 @@ from fastrank.envs.scienceworld_focus import focus_guard  # noqa: F401 - `agent_
 from fastrank.rollout import run_episodes
 
 
-def run_episode(env: TextEnv, ranker, task: object, max_steps: int, *, avoid_repeats: bool = False) -> dict:
+def run_episode(env: TextEnv, ranker, task: object, max_steps: int, *, avoid_repeats: bool = False,
+                repeat_penalty: float = 0.0) -> dict:
     """One episode of `ranker` in `env` (the caller keeps `env` open)."""
-    return run_episodes(lambda: env, [task], ranker, max_steps=max_steps, batch_size=1,
-                        avoid_repeats=avoid_repeats, close_envs=False).episodes[0]
+    return run_episodes(lambda: env, [task], ranker, max_steps=max_steps, batch_size=1, avoid_repeats=avoid_repeats,
+                        repeat_penalty=repeat_penalty, close_envs=False).episodes[0]
 
 
 def spread_over_types(games: list, n: int | None) -> list:
@@ -56,7 +58,23 @@ def _alfworld_tasks(args: argparse.Namespace):
         here = sorted(d.name for d in Path(root).iterdir() if d.is_dir())
         raise FileNotFoundError(f"{root}: no ALFWorld games of split {args.split!r} (splits here: {here}); "
                                 f"--games-dir takes an unpacked json_2.1.1 folder or tarball that holds it")
+    if getattr(args, "unplayed_by", None):
+        games = unplayed_games(games, args.unplayed_by, args.split)
     return AlfworldEnv, [g.game_file for g in spread_over_types(games, args.games)], None
+
+
+def unplayed_games(games: list, run_dir, split: str) -> list:
+    """`games` less those the DAgger run in `run_dir` trained or picked its round on (its games.json): where a
+    decoding setting can be chosen without looking at the evaluation split."""
+    plan_path = Path(run_dir) / "games.json"
+    if not plan_path.exists():
+        raise FileNotFoundError(f"{plan_path}: no games.json (written by recipes/agent_alfworld.py at its start)")
+    plan = json.loads(plan_path.read_text())
+    if plan["split"] != split:
+        raise ValueError(f"{plan_path}: the run played split {plan['split']!r}; --unplayed-by needs --split "
+                         f"{plan['split']}, not {split!r}")
+    unplayed = {Path(g).parts[-3:] for g in plan["unplayed"]}  # task/trial/file: the cache folder may have moved
+    return [g for g in games if Path(g.game_file).parts[-3:] in unplayed]
 
 
 def _scienceworld_tasks(args: argparse.Namespace):
@@ -104,6 +122,9 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="valid_seen",
                    help="ALFWorld split (valid_seen, valid_unseen, valid_train, train) / ScienceWorld ETO split")
     p.add_argument("--games-dir", default=None, help="ALFWorld games: unpacked dir or the json_2.1.1 tarball")
+    p.add_argument("--unplayed-by", default=None, metavar="RUN_DIR",
+                   help="ALFWorld: only the games of --split that the agent recipe's run in RUN_DIR never played "
+                        "(its games.json; use with --split train to tune decoding away from the evaluation games)")
     p.add_argument("--max-steps", type=int, default=50, help="actions per episode before it counts as lost")
     p.add_argument("--batch-size", type=int, default=8,
                    help="games played in lockstep, their states scored in one call (ScienceWorld: one JVM each)")
@@ -125,6 +146,9 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
                           "5 / 8 (README)")
     rep.add_argument("--allow-repeats", dest="avoid_repeats", action="store_false",
                      help="always take the top-scored action (the default for ScienceWorld and WebShop)")
+    p.add_argument("--repeat-penalty", type=float, default=0.0,
+                   help="subtracted from an action's score for each time the episode already took it, from any "
+                        "state: the agent tries what it has not done before going back (default 0: off)")
     p.add_argument("--bf16", action="store_true",
                    help="score under bf16 autocast (matmuls in bf16, norms and softmax in fp32): faster on CPUs with "
                         "AVX512-BF16 / AMX and on GPUs; bench/bench_decision.py measures the latency and the argmax "
@@ -137,14 +161,16 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate_agent(ranker, env: str, make_env, tasks: list, *, max_steps: int = 50, batch_size: int = 8,
-                   candidates=None, avoid_repeats: bool = False, seed: int = 0, desc: str | None = None,
+                   candidates=None, avoid_repeats: bool = False, repeat_penalty: float = 0.0, seed: int = 0,
+                   desc: str | None = None,
                    on_episode=None, position: int | None = None) -> dict:
     """Play `tasks` with `ranker`; {"summary": ..., "episodes": [...]} (the DAgger recipe calls this too).
     `on_episode(episode)`: called as each episode ends (the CLI logs it at once)."""
     t0 = time.perf_counter()
     with tqdm(total=len(tasks), desc=desc or f"agent-eval {env}", position=position) as bar:
         ro = run_episodes(make_env, tasks, ranker, max_steps=max_steps, batch_size=batch_size,
-                          candidates=candidates, avoid_repeats=avoid_repeats, seed=seed, progress=bar,
+                          candidates=candidates, avoid_repeats=avoid_repeats, repeat_penalty=repeat_penalty,
+                          seed=seed, progress=bar,
                           on_episode=on_episode)
     summary = {"env": env, **summarize(ro.episodes), "wall_seconds": round(time.perf_counter() - t0, 1),
                "decisions": ro.decisions, "model_seconds": round(ro.model_seconds, 1),
@@ -166,6 +192,12 @@ def _play(args: argparse.Namespace, shard: int, workers: int, threads: int | Non
     make_env, tasks, candidates = prepared or TASKS[args.env](args)
     idx = list(range(shard, len(tasks), workers))
     ranker = Reranker.from_pretrained(args.checkpoint)
+    if getattr(args, "bf16", False) and ranker.device.type == "cpu" and shard == 0:
+        from fastrank.train import cpu_has_bf16
+
+        if not cpu_has_bf16():
+            warnings.warn("--bf16 on a CPU without AVX512-BF16 / AMX: bf16 matmuls are emulated there (~50x slower "
+                          "than fp32, STACK_NOTES); leave --bf16 out", stacklevel=2)
     batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
     bf16 = (torch.autocast(ranker.device.type, dtype=torch.bfloat16) if getattr(args, "bf16", False)
             else contextlib.nullcontext())
@@ -176,6 +208,7 @@ def _play(args: argparse.Namespace, shard: int, workers: int, threads: int | Non
 
         res = evaluate_agent(ranker, args.env, make_env, [tasks[i] for i in idx], max_steps=args.max_steps,
                              batch_size=batch, candidates=candidates, avoid_repeats=args.avoid_repeats,
+                             repeat_penalty=getattr(args, "repeat_penalty", 0.0) or 0.0,
                              seed=args.seed + shard, on_episode=on_episode, position=shard if workers > 1 else None,
                              desc=f"agent-eval {args.env}" + (f" [worker {shard}]" if workers > 1 else ""))
     return idx, res
@@ -224,6 +257,7 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
                "decisions": decisions, "model_seconds": round(model_s, 1),
                "decisions_per_s": round(decisions / model_s, 2) if model_s else 0.0, "workers": workers,
                "checkpoint": str(args.checkpoint), "split": args.split, "avoid_repeats": args.avoid_repeats,
+               "repeat_penalty": getattr(args, "repeat_penalty", 0.0) or 0.0,
                "bf16": getattr(args, "bf16", False), "log": str(out)}
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))

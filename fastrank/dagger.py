@@ -130,7 +130,8 @@ def collect(ranker, make_env, games: list, beta: float, cfg: AgentConfig, seed: 
     with tqdm(total=len(games), desc=desc, leave=False) as bar:
         ro = run_episodes(make_env, games, ranker, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
                           beta=beta, expert=lambda s: s.info.get("expert_plan"), on_state=on_state, seed=seed,
-                          progress=bar, score_all=True, avoid_repeats=cfg.avoid_repeats)
+                          progress=bar, score_all=True, avoid_repeats=cfg.avoid_repeats,
+                          repeat_penalty=cfg.repeat_penalty)
     return sets, ro
 
 
@@ -243,6 +244,21 @@ def _gather(items: list, accelerator: Accelerator) -> list:
     return gather_object(items)
 
 
+def game_plan(cfg: AgentConfig, games: list) -> dict:
+    """Which `cfg.train_split` games the recipe plays: a fixed, type-balanced eval set first; each round's rollout
+    games from the rest in a seeded order, new each round; "unplayed" = the games no round or eval touched."""
+    from fastrank.agent_eval import spread_over_types
+
+    eval_games = [g.game_file for g in spread_over_types(games, cfg.eval_games)] if cfg.eval_games else []
+    pool = [g.game_file for g in games if g.game_file not in set(eval_games)]
+    random.Random(cfg.seed).shuffle(pool)
+    if sum(cfg.episodes) > len(pool):
+        raise ValueError(f"{sum(cfg.episodes)} rollout episodes asked for, {len(pool)} {cfg.train_split} games")
+    bounds = [sum(cfg.episodes[:r]) for r in range(len(cfg.episodes) + 1)]
+    return {"split": cfg.train_split, "eval": eval_games,
+            "rounds": [pool[a:b] for a, b in zip(bounds, bounds[1:])], "unplayed": pool[bounds[-1]:]}
+
+
 def run_dagger(cfg: AgentConfig) -> dict:
     """BC + DAgger rounds as `cfg` says; writes `<output_dir>/model`, `report.md` and `results.json`."""
     from fastrank.agent_eval import spread_over_types, summarize, write_episodes
@@ -264,13 +280,11 @@ def run_dagger(cfg: AgentConfig) -> dict:
         from fastrank.paths import shared_data_dir
 
         cfg.games_dir = str(shared_data_dir() / "alfworld" / "json_2.1.1_games.tar.xz")
-    games = list_games(ensure_games(cfg.games_dir), cfg.train_split)
-    # a fixed, type-balanced eval set first; the rollout games are the rest, in a seeded order, new each round
-    eval_games = [g.game_file for g in spread_over_types(games, cfg.eval_games)] if cfg.eval_games else []
-    pool = [g.game_file for g in games if g.game_file not in set(eval_games)]
-    random.Random(cfg.seed).shuffle(pool)
-    if sum(cfg.episodes) > len(pool):
-        raise ValueError(f"{sum(cfg.episodes)} rollout episodes asked for, {len(pool)} {cfg.train_split} games")
+    plan = game_plan(cfg, list_games(ensure_games(cfg.games_dir), cfg.train_split))
+    eval_games = plan["eval"]
+    if accelerator.is_main_process:  # which train games no round saw: `agent-eval --unplayed-by` tunes decoding there
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "games.json").write_text(json.dumps(plan, indent=1) + "\n")
 
     def eval_fixed(policy) -> dict | None:
         """The policy alone on the fixed train games (the per-round table's eval columns)."""
@@ -278,7 +292,8 @@ def run_dagger(cfg: AgentConfig) -> dict:
             return None
         with accelerator.autocast():
             ro_eval = run_episodes(AlfworldEnv, _shard(eval_games, accelerator), policy, max_steps=cfg.max_steps,
-                                   batch_size=cfg.batch_size, seed=cfg.seed, avoid_repeats=cfg.avoid_repeats)
+                                   batch_size=cfg.batch_size, seed=cfg.seed, avoid_repeats=cfg.avoid_repeats,
+                                   repeat_penalty=cfg.repeat_penalty)
         episodes = _gather(ro_eval.episodes, accelerator)
         ev = summarize(episodes)
         ev.pop("per_task_type", None)
@@ -304,7 +319,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
     for r in range(start, len(cfg.episodes)):
         t0 = time.perf_counter()
         first = sum(cfg.episodes[:r])
-        round_games = pool[first:first + cfg.episodes[r]]
+        round_games = plan["rounds"][r]
         beta = cfg.betas[r]
         with accelerator.autocast():  # the policy's decisions in the training precision (bf16: faster)
             new, ro = collect(model if beta < 1 else None, AlfworldEnv, _shard(round_games, accelerator), beta,
@@ -353,6 +368,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
         tasks = [g.game_file for g in spread_over_types(val, None if cfg.final_eval_games < 0 else cfg.final_eval_games)]
         res = evaluate_agent(model, "alfworld", AlfworldEnv, tasks, max_steps=cfg.max_steps,
                              batch_size=cfg.batch_size, avoid_repeats=cfg.avoid_repeats,
+                             repeat_penalty=cfg.repeat_penalty,
                              desc=f"final eval {cfg.final_eval_split}")
         results["final_eval"] = {"split": cfg.final_eval_split, **res["summary"]}
         if accelerator.is_main_process:

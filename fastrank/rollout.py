@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -28,6 +29,7 @@ class Slot:
     t0: float = field(default_factory=time.perf_counter)
     decisions: int = 0  # steps decided by the model (not by the expert)
     tried: dict = field(default_factory=dict)  # a key of the world state (`world_key`) -> actions taken from it
+    taken: Counter = field(default_factory=Counter)  # action -> times taken this episode (`repeat_penalty`)
 
 
 @dataclass
@@ -69,7 +71,8 @@ def _failed(task: object, exc: BaseException) -> dict:
 def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranker, *, max_steps: int = 50,
                  batch_size: int = 8, beta: float = 0.0, expert: Callable[[EnvState], str | None] | None = None,
                  candidates: Callable[[EnvState], list[str]] | None = None,
-                 on_state: Callable[[Slot], None] | None = None, avoid_repeats: bool = False, seed: int = 0,
+                 on_state: Callable[[Slot], None] | None = None, avoid_repeats: bool = False,
+                 repeat_penalty: float = 0.0, seed: int = 0,
                  progress=None, close_envs: bool = True, score_all: bool = False,
                  on_episode: Callable[[dict], None] | None = None) -> Rollout:
     """Play every task to the end (done or `max_steps`); episodes come back in task order.
@@ -80,7 +83,10 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
     action is chosen, as `on_state(slot, scores)` (scores: {action: score} when the ranker scored this state,
     else None; `score_all` scores the expert's steps too) -- DAgger labels it; a dict it returns is merged
     into that step's log entry. ``avoid_repeats``: take the best action not yet taken from this
-    state (`world_key`; a loop breaker; off by default). `on_episode(episode)` sees each episode as it ends (in
+    state (`world_key`; a loop breaker; off by default). ``repeat_penalty``: subtracted from an action's score once
+    for each time the episode already took it, from any state (count-based exploration: an agent that has not found
+    what it looks for tries a place it has not been before going back; a confident return, e.g. carrying the object
+    to a receptacle passed while searching, outscores it). `on_episode(episode)` sees each episode as it ends (in
     the order they end), e.g. to log it before a long run is over.
     """
     rng = random.Random(seed)
@@ -145,10 +151,12 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
             else:
                 s, c = scores[i], cands[i]
                 order = sorted(range(len(s)), key=lambda k: -s[k])
-                pick = order[0]
+                prefer = (sorted(range(len(s)), key=lambda k: -(s[k] - repeat_penalty * sl.taken[c[k]]))
+                          if repeat_penalty else order)
+                pick = prefer[0]
                 if avoid_repeats:  # the same state gives the same outcome: skip what was already tried from it
-                    taken = sl.tried.get(key, set())
-                    pick = next((k for k in order if c[k] not in taken), order[0])
+                    tried = sl.tried.get(key, set())
+                    pick = next((k for k in prefer if c[k] not in tried), prefer[0])
                 action, score = c[pick], s[pick]
                 top = [[c[k], s[k]] for k in order[:3]]
                 sl.decisions += 1
@@ -157,6 +165,7 @@ def run_episodes(make_env: Callable[[], TextEnv], tasks: Sequence[object], ranke
                            "by": "expert" if use_expert[i] else "policy", "score": score, "top": top,
                            **(extra or {})})
             sl.tried.setdefault(key, set()).add(action)
+            sl.taken[action] += 1
             sl.state = sl.env.step(action)
             sl.memory.add(action, sl.state.observation)
     if close_envs:

@@ -168,6 +168,57 @@ def test_avoid_repeats_breaks_a_toggle_loop_through_the_world_state():
                                                                      "go to workshop"]
 
 
+class _Rooms:
+    """Four places; the key is at D and must be put in A. The scorer (below) likes A, then B, C, D."""
+
+    def reset(self, task):
+        self.at, self.holding = None, False
+        return self._state("You are in the middle of a room.")
+
+    def _state(self, obs, won=False):
+        acts = [f"go to {p}" for p in "ABCD" if p != self.at]
+        acts += ["take key"] if self.at == "D" and not self.holding else []
+        acts += ["put key in A"] if self.at == "A" and self.holding else []
+        return EnvState(obs, "put the key in A", [] if won else acts, "t", reward=float(won), done=won, won=won)
+
+    def step(self, action):
+        if action == "put key in A":
+            return self._state("You put the key in A.", won=True)
+        if action == "take key":
+            self.holding = True
+            return self._state("You pick up the key.")
+        self.at = action[-1]
+        return self._state(f"You arrive at {self.at}.")
+
+    def close(self):
+        pass
+
+
+class _LikesA:
+    def __init__(self, env):
+        self.env = env
+
+    def score(self, goal, observation, candidates):
+        pref = {"go to A": 10.0 if self.env.holding else 3.0, "go to B": 2.9, "go to C": 1.5, "go to D": 0.5,
+                "take key": 20.0, "put key in A": 20.0}
+        return torch.tensor([pref[c] for c in candidates])
+
+
+def test_repeat_penalty_searches_new_places_first_and_still_returns_when_sure():
+    """Without it the loop breaker still walks back to A between every new place (3 repeats); with a penalty of 3
+    the search goes A B C D, and the confident return to A with the key (10 - 3 > the rest) still happens."""
+    env = _Rooms()
+    ep = run_episode(env, _LikesA(env), None, max_steps=20, avoid_repeats=True)
+    acts = [s["action"] for s in ep["trajectory"]]
+    assert ep["won"] and acts == ["go to A", "go to B", "go to A", "go to C", "go to A", "go to D", "take key",
+                                  "go to A", "put key in A"]
+    ep = run_episode(env, _LikesA(env), None, max_steps=20, avoid_repeats=True, repeat_penalty=3.0)
+    acts = [s["action"] for s in ep["trajectory"]]
+    assert ep["won"] and acts == ["go to A", "go to B", "go to C", "go to D", "take key", "go to A", "put key in A"]
+    assert ep["repeats"] == 1
+    assert ep["trajectory"][2]["top"][0] == ["go to A", 3.0]  # the model's own ranking is what the log shows
+
+
 def _tiny_checkpoint_and_games(tmp_path):
     """A 1-layer reranker saved under tmp_path (skips without the shared games or the alfworld extra)."""
     if not TARBALL.exists():
@@ -273,7 +324,7 @@ def test_repeats_are_avoided_by_default_in_alfworld_only(monkeypatch, tmp_path, 
     seen = {}
 
     def fake_run_episodes(make_env, tasks, ranker, **kw):
-        seen["avoid"] = kw["avoid_repeats"]
+        seen["avoid"], seen["penalty"] = kw["avoid_repeats"], kw["repeat_penalty"]
         return SimpleNamespace(episodes=[], model_seconds=0.0, decisions=0, decisions_per_s=0.0)
 
     p = argparse.ArgumentParser()
@@ -285,6 +336,9 @@ def test_repeats_are_avoided_by_default_in_alfworld_only(monkeypatch, tmp_path, 
     monkeypatch.setattr(ae, "summarize", lambda episodes: {})
     assert ae.agent_eval_from_args(args) == 0
     assert seen["avoid"] is expected
+    assert seen["penalty"] == 0.0  # off unless asked
+    args.repeat_penalty = 2.5
+    assert ae.agent_eval_from_args(args) == 0 and seen["penalty"] == 2.5
 
 
 def test_a_split_with_no_games_is_an_error_naming_the_splits_there(tmp_path, capsys):
@@ -320,3 +374,25 @@ def test_scienceworld_env_takes_the_view_the_checkpoint_was_trained_on(tmp_path)
     del meta["featurizer"]["observation_view"]  # as written before the field existed
     (ckpt / META_NAME).write_text(json.dumps(meta))
     assert checkpoint_view(ckpt) == "feedback" and Reranker.from_pretrained(ckpt).featurizer.observation_view == "feedback"
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_hardware_bf16_warns(monkeypatch, tmp_path, has_bf16):
+    """The recipes' accelerator warns there (emulated bf16 is ~50x slower); agent-eval --bf16 must too."""
+    import warnings
+
+    import fastrank.agent_eval as ae
+    import fastrank.train as tr
+
+    class _OnCpu(_Prefers):
+        device = torch.device("cpu")
+
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setitem(ae.TASKS, "alfworld", lambda args: (_Drawer, ["g1"], None))
+    monkeypatch.setattr(Reranker, "from_pretrained", classmethod(lambda cls, path: _OnCpu()))
+    args = SimpleNamespace(env="alfworld", games_dir="x", checkpoint="ckpt", batch_size=1, max_steps=4, bf16=True,
+                           avoid_repeats=True, seed=0, out=str(tmp_path / "log.jsonl"), split="valid_seen")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ae.agent_eval_from_args(args) == 0
+    assert any("AVX512-BF16" in str(w.message) for w in caught) is (not has_bf16)

@@ -152,6 +152,10 @@ def test_recipe_end_to_end_on_real_games(tmp_path):
     assert res["rounds"][0]["states_added"] > 0 and res["rounds"][0]["agreement"] is None  # BC: expert only
     assert res["rounds"][1]["episodes"] == 1 and res["rounds"][1]["eval"]["episodes"] == 1
     assert (out / "model" / "fastrank.json").exists() and "| round | beta |" in (out / "report.md").read_text()
+    plan = json.loads((out / "games.json").read_text())  # what `agent-eval --unplayed-by` leaves out
+    assert len(plan["eval"]) == 1 and [len(r) for r in plan["rounds"]] == [2, 1]
+    played = [*plan["eval"], *plan["rounds"][0], *plan["rounds"][1]]
+    assert len(set(played)) == 4 and not set(played) & set(plan["unplayed"])
     [ev_ep] = [json.loads(x) for x in (out / "dagger" / "round_1" / "eval_episodes.jsonl").read_text().splitlines()]
     assert ev_ep["steps"] == len(ev_ep["trajectory"]) > 0  # the fixed-game evaluation, every step, to read
     assert "episodes_log" not in json.loads((out / "dagger" / "round_1" / "metrics.json").read_text())["eval"]
@@ -223,3 +227,33 @@ def test_cpu_has_bf16_reads_the_cpu_flags(tmp_path):
     assert not cpu_has_bf16(str(avx2))
     assert cpu_has_bf16(str(zen4)) and cpu_has_bf16(str(sapphire))
     assert cpu_has_bf16(str(tmp_path / "absent"))  # no cpuinfo (macOS, Windows): not second-guessed
+
+
+def test_game_plan_splits_the_train_games_into_eval_rounds_and_unplayed():
+    from fastrank.dagger import game_plan
+
+    games = [SimpleNamespace(task_type=t, game_file=f"/c/train/{t}/trial_{i}/game.tw-pddl") for t in "abc"
+             for i in range(5)]
+    cfg = AgentConfig(episodes=[4, 3], betas=[1.0, 0.5], eval_games=3, seed=1)
+    plan = game_plan(cfg, games)
+    assert len({Path(g).parts[-3] for g in plan["eval"]}) == 3  # one game per task type
+    assert [len(r) for r in plan["rounds"]] == [4, 3] and len(plan["unplayed"]) == 15 - 3 - 7
+    assert sorted(plan["eval"] + sum(plan["rounds"], []) + plan["unplayed"]) == sorted(g.game_file for g in games)
+    assert game_plan(cfg, games) == plan  # seeded: the recipe and agent-eval agree on it
+    with pytest.raises(ValueError, match="rollout episodes asked for"):
+        game_plan(AgentConfig(episodes=[20], betas=[1.0], eval_games=3), games)
+
+
+def test_agent_eval_unplayed_by_keeps_only_the_games_no_round_saw(tmp_path):
+    from fastrank.agent_eval import unplayed_games
+
+    games = [SimpleNamespace(task_type="a", game_file=f"/here/train/a/trial_{i}/game.tw-pddl") for i in range(4)]
+    plan = {"split": "train", "eval": [], "rounds": [], "unplayed": [f"/elsewhere/train/a/trial_{i}/game.tw-pddl"
+                                                                    for i in (1, 3)]}
+    (tmp_path / "games.json").write_text(json.dumps(plan))
+    kept = unplayed_games(games, tmp_path, "train")  # matched by task/trial/file: the cache folder may differ
+    assert [g.game_file for g in kept] == [games[1].game_file, games[3].game_file]
+    with pytest.raises(ValueError, match="needs --split train"):
+        unplayed_games(games, tmp_path, "valid_seen")
+    with pytest.raises(FileNotFoundError, match="no games.json"):
+        unplayed_games(games, tmp_path / "nowhere", "train")
