@@ -40,15 +40,18 @@ from fastrank.rollout import Slot, run_episodes
 
 def agent_accelerator(cfg: AgentConfig) -> Accelerator:
     """The recipes' Accelerator; on a CPU torch gets this process's share of the cores (`accelerate launch`
-    pins it to one thread)."""
-    accelerator = Accelerator()
-    if accelerator.device.type == "cpu":
-        import os
+    pins it to one thread). bf16 asked for on a CPU that emulates it becomes fp32, with a warning: there a bf16 step
+    took 188 s against fp32's 9.3 s (session 16), hours lost to a flag copied from a machine that has it."""
+    import os
 
+    emulated = (os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16" and not torch.cuda.is_available()
+                and not cpu_has_bf16())
+    if emulated:
+        warnings.warn("--mixed_precision bf16 on a CPU without AVX512-BF16 / AMX: bf16 matmuls are emulated there "
+                      "(~20-50x slower than fp32, STACK_NOTES); training in fp32 instead", stacklevel=2)
+    accelerator = Accelerator(mixed_precision="no" if emulated else None)
+    if accelerator.device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
-        if accelerator.mixed_precision == "bf16" and not cpu_has_bf16():
-            warnings.warn("--mixed_precision bf16 on a CPU without AVX512-BF16 / AMX: bf16 matmuls are emulated "
-                          "there (~50x slower than fp32, STACK_NOTES); use --mixed_precision no", stacklevel=2)
     return accelerator
 
 

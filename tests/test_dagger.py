@@ -257,3 +257,28 @@ def test_agent_eval_unplayed_by_keeps_only_the_games_no_round_saw(tmp_path):
         unplayed_games(games, tmp_path, "valid_seen")
     with pytest.raises(FileNotFoundError, match="no games.json"):
         unplayed_games(games, tmp_path / "nowhere", "train")
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_recipes_train_in_fp32_where_the_cpu_would_emulate_bf16(monkeypatch, has_bf16):
+    """`accelerate launch --mixed_precision bf16` on a CPU without AVX512-BF16 / AMX: fp32 and a warning (emulated
+    bf16 was ~20x slower a step); on a CPU that has it, bf16 as asked."""
+    if torch.cuda.is_available():
+        pytest.skip("the fallback is for CPUs")
+    from accelerate.state import AcceleratorState
+
+    import fastrank.dagger as dg
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setattr(dg, "cpu_has_bf16", lambda: has_bf16)
+    threads = torch.get_num_threads()
+    AcceleratorState._reset_state(True)
+    try:
+        if has_bf16:
+            assert dg.agent_accelerator(AgentConfig(cpu_threads=1)).mixed_precision == "bf16"
+        else:
+            with pytest.warns(UserWarning, match="training in fp32 instead"):
+                assert dg.agent_accelerator(AgentConfig(cpu_threads=1)).mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state(True)
+        torch.set_num_threads(threads)
