@@ -162,16 +162,14 @@ def add_agent_eval_args(p: argparse.ArgumentParser) -> None:
 
 def evaluate_agent(ranker, env: str, make_env, tasks: list, *, max_steps: int = 50, batch_size: int = 8,
                    candidates=None, avoid_repeats: bool = False, repeat_penalty: float = 0.0, seed: int = 0,
-                   desc: str | None = None,
-                   on_episode=None, position: int | None = None) -> dict:
+                   desc: str | None = None, on_episode=None, position: int | None = None) -> dict:
     """Play `tasks` with `ranker`; {"summary": ..., "episodes": [...]} (the DAgger recipe calls this too).
     `on_episode(episode)`: called as each episode ends (the CLI logs it at once)."""
     t0 = time.perf_counter()
     with tqdm(total=len(tasks), desc=desc or f"agent-eval {env}", position=position) as bar:
         ro = run_episodes(make_env, tasks, ranker, max_steps=max_steps, batch_size=batch_size,
                           candidates=candidates, avoid_repeats=avoid_repeats, repeat_penalty=repeat_penalty,
-                          seed=seed, progress=bar,
-                          on_episode=on_episode)
+                          seed=seed, progress=bar, on_episode=on_episode)
     summary = {"env": env, **summarize(ro.episodes), "wall_seconds": round(time.perf_counter() - t0, 1),
                "decisions": ro.decisions, "model_seconds": round(ro.model_seconds, 1),
                "decisions_per_s": round(ro.decisions_per_s, 2)}
@@ -193,11 +191,10 @@ def _play(args: argparse.Namespace, shard: int, workers: int, threads: int | Non
     idx = list(range(shard, len(tasks), workers))
     ranker = Reranker.from_pretrained(args.checkpoint)
     if getattr(args, "bf16", False) and ranker.device.type == "cpu" and shard == 0:
-        from fastrank.train import cpu_has_bf16
+        from fastrank.train import BF16_EMULATED, cpu_has_bf16
 
         if not cpu_has_bf16():
-            warnings.warn("--bf16 on a CPU without AVX512-BF16 / AMX: bf16 matmuls are emulated there (~50x slower "
-                          "than fp32, STACK_NOTES); leave --bf16 out", stacklevel=2)
+            warnings.warn(f"--{BF16_EMULATED}; leave --bf16 out", stacklevel=2)
     batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
     bf16 = (torch.autocast(ranker.device.type, dtype=torch.bfloat16) if getattr(args, "bf16", False)
             else contextlib.nullcontext())
@@ -208,7 +205,7 @@ def _play(args: argparse.Namespace, shard: int, workers: int, threads: int | Non
 
         res = evaluate_agent(ranker, args.env, make_env, [tasks[i] for i in idx], max_steps=args.max_steps,
                              batch_size=batch, candidates=candidates, avoid_repeats=args.avoid_repeats,
-                             repeat_penalty=getattr(args, "repeat_penalty", 0.0) or 0.0,
+                             repeat_penalty=args.repeat_penalty,
                              seed=args.seed + shard, on_episode=on_episode, position=shard if workers > 1 else None,
                              desc=f"agent-eval {args.env}" + (f" [worker {shard}]" if workers > 1 else ""))
     return idx, res
@@ -221,6 +218,7 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
         args.games_dir = shared_data_dir() / "alfworld" / "json_2.1.1_games.tar.xz"
     if args.avoid_repeats is None:
         args.avoid_repeats = args.env == "alfworld"
+    args.repeat_penalty = getattr(args, "repeat_penalty", 0.0)  # callers building the Namespace by hand may leave it out
     n_workers = getattr(args, "workers", 1)  # callers building the Namespace by hand may leave it out
     if n_workers < 1:
         raise ValueError(f"--workers must be >= 1, got {n_workers}")
@@ -257,7 +255,7 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
                "decisions": decisions, "model_seconds": round(model_s, 1),
                "decisions_per_s": round(decisions / model_s, 2) if model_s else 0.0, "workers": workers,
                "checkpoint": str(args.checkpoint), "split": args.split, "avoid_repeats": args.avoid_repeats,
-               "repeat_penalty": getattr(args, "repeat_penalty", 0.0) or 0.0,
+               "repeat_penalty": args.repeat_penalty,
                "bf16": getattr(args, "bf16", False), "log": str(out)}
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))

@@ -34,7 +34,7 @@ from fastrank.data.goal_roles import goal_roles
 from fastrank.data.record import CandidateSet, read_records, write_records
 from fastrank.ops import listwise_rank_loss, pairwise_rank_loss
 from fastrank.packing import TokenBudgetBatchSampler
-from fastrank.train import build_optimizer, cpu_has_bf16, linear_warmup
+from fastrank.train import BF16_EMULATED, build_optimizer, cpu_has_bf16, linear_warmup
 from fastrank.rollout import Slot, run_episodes
 
 
@@ -47,8 +47,7 @@ def agent_accelerator(cfg: AgentConfig) -> Accelerator:
     emulated = (os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16" and not torch.cuda.is_available()
                 and not cpu_has_bf16())
     if emulated:
-        warnings.warn("--mixed_precision bf16 on a CPU without AVX512-BF16 / AMX: bf16 matmuls are emulated there "
-                      "(~20-50x slower than fp32, STACK_NOTES); training in fp32 instead", stacklevel=2)
+        warnings.warn(f"--mixed_precision {BF16_EMULATED}; training in fp32 instead", stacklevel=2)
     accelerator = Accelerator(mixed_precision="no" if emulated else None)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
@@ -321,7 +320,6 @@ def run_dagger(cfg: AgentConfig) -> dict:
                       f"{len(eval_games)} fixed eval games; model {cfg.model} ({cfg.layout}, {cfg.feature_mode})")
     for r in range(start, len(cfg.episodes)):
         t0 = time.perf_counter()
-        first = sum(cfg.episodes[:r])
         round_games = plan["rounds"][r]
         beta = cfg.betas[r]
         with accelerator.autocast():  # the policy's decisions in the training precision (bf16: faster)

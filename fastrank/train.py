@@ -115,6 +115,11 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# what both the agent recipes and agent-eval warn on such a CPU (each adds what it does about it)
+BF16_EMULATED = ("bf16 on a CPU without AVX512-BF16 / AMX: bf16 matmuls are emulated there (~20-50x slower than fp32, "
+                 "STACK_NOTES)")
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     decay, no_decay, router = [], [], []
     router_lr = getattr(cfg, "router_lr", None)

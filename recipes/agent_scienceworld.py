@@ -119,8 +119,7 @@ def main(cfg: AgentConfig) -> dict:
         batch = min(cfg.batch_size, 2)  # one JVM per game in flight, as the CLI caps it
         res = evaluate_agent(model, "scienceworld", make_env, tasks, max_steps=cfg.max_steps, batch_size=batch,
                              candidates=guard, avoid_repeats=cfg.avoid_repeats, repeat_penalty=cfg.repeat_penalty,
-                             seed=0,
-                             desc=f"agent-eval scienceworld {cfg.final_eval_split}")
+                             seed=0, desc=f"agent-eval scienceworld {cfg.final_eval_split}")
         write_episodes(out / "agent_eval_scienceworld.jsonl", res["episodes"])
         results.update(eval=res["summary"], episodes=res["episodes"],
                        focus_audit=focus_audit(res["episodes"]), max_steps=cfg.max_steps,
@@ -128,8 +127,8 @@ def main(cfg: AgentConfig) -> dict:
                        command=(f"fastrank agent-eval --env scienceworld --split {cfg.final_eval_split} --tasks "
                                 f"{cfg.final_eval_games} --max-steps {cfg.max_steps} --max-candidates "
                                 f"{cfg.max_candidates} --batch-size {batch} "
-                                f"{'--avoid-repeats' if cfg.avoid_repeats else '--allow-repeats'} --repeat-penalty {cfg.repeat_penalty} "
-                                f"--checkpoint {out / 'model'}"))
+                                f"{'--avoid-repeats' if cfg.avoid_repeats else '--allow-repeats'} "
+                                f"--repeat-penalty {cfg.repeat_penalty} --checkpoint {out / 'model'}"))
         write_report(results, out)
         results.pop("episodes")
     results["minutes"] = round((time.perf_counter() - t0) / 60, 2)
