@@ -36,7 +36,8 @@ class AgentConfig:
     max_train_sets: int | None = None  # per round, a seeded sample of (new + replayed) sets; None: all
     loss: str = "listwise"  # listwise (softmax CE over the set: the agent takes the argmax) | pairwise (paper)
     temperature: float = 1.0  # listwise softmax temperature
-    epochs_per_round: float = 1.0  # passes over each round's training sets
+    epochs_per_round: float | list[float] = 1.0  # passes over each round's training sets: one value, or one per round
+    #                                               (round 0's BC plateaus early: [1, 2, 2] frees a round's time)
     final_fit_epochs: float = 0.0  # > 0: after the rounds, train a fresh model on every aggregated state (DAgger's
     #                                "train on D"); its model is the recipe's output
     output_round: str = "best"  # without a final fit: "best" = the round that won most fixed train games (then fewer

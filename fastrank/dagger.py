@@ -147,6 +147,8 @@ def agreement(episodes: list[dict]) -> float | None:
 def fit(model, sets: list[CandidateSet], cfg: AgentConfig, accelerator: Accelerator, seed: int,
         desc: str = "train") -> dict:
     """`epochs_per_round` passes over `sets`: packed token-budget batches, AdamW, linear warm-up, clip."""
+    if not isinstance(cfg.epochs_per_round, (int, float)):  # per-round lists are resolved by run_dagger
+        raise ValueError(f"this recipe fits once: epochs_per_round must be one number, got {cfg.epochs_per_round}")
     encoded = model.encode_sets(sets)
     sampler = TokenBudgetBatchSampler([e.n_tokens for e in encoded], cfg.max_tokens, shuffle=True, seed=seed,
                                       num_replicas=accelerator.num_processes, rank=accelerator.process_index)
@@ -193,6 +195,18 @@ def fit(model, sets: list[CandidateSet], cfg: AgentConfig, accelerator: Accelera
     return {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "sets": len(sets),
             "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4),
             "train_top1": round(sum(hits_all[-10:]) / max(1, len(hits_all[-10:])), 3), "loss_curve": curve}
+
+
+def round_epochs(cfg: AgentConfig) -> list[float]:
+    """`epochs_per_round` as one value per round (a single number applies to every round)."""
+    e = cfg.epochs_per_round
+    epochs = [float(x) for x in e] if isinstance(e, (list, tuple)) else [float(e)] * len(cfg.episodes)
+    if len(epochs) != len(cfg.episodes):
+        raise ValueError(f"epochs_per_round has {len(epochs)} entries for {len(cfg.episodes)} rounds (episodes); "
+                         f"give one per round or a single number")
+    if any(x <= 0 for x in epochs):
+        raise ValueError(f"epochs_per_round must be > 0, got {e}")
+    return epochs
 
 
 def pick_round(rounds: list[dict]) -> int:
@@ -276,6 +290,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
     if len(cfg.episodes) != len(cfg.betas):
         raise ValueError(f"episodes ({len(cfg.episodes)} rounds) and betas ({len(cfg.betas)}) must have one entry "
                          f"per round")
+    epochs = round_epochs(cfg)
     accelerator = agent_accelerator(cfg)
     out = Path(cfg.output_dir)
     if cfg.games_dir is None:
@@ -331,7 +346,8 @@ def run_dagger(cfg: AgentConfig) -> dict:
         train_sets = new + replay
         if cfg.max_train_sets and len(train_sets) > cfg.max_train_sets:
             train_sets = rng.sample(train_sets, cfg.max_train_sets)
-        train_info = fit(model, train_sets, cfg, accelerator, seed=cfg.seed + r, desc=f"round {r} train")
+        train_info = fit(model, train_sets, dataclasses.replace(cfg, epochs_per_round=epochs[r]), accelerator,
+                         seed=cfg.seed + r, desc=f"round {r} train")
         aggregate += new
         ev = eval_fixed(model)
         metrics = {"round": r, "beta": beta, "episodes": len(episodes),

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastrank.agent_eval import run_episode, spread_over_types, summarize
+from fastrank.agent_eval import looped_steps, run_episode, spread_over_types, summarize
 from fastrank.envs.base import EnvState
 from fastrank.model import PRESETS, Reranker
 
@@ -36,8 +36,21 @@ def test_summary_counts_success_types_and_repeats():
     assert s["mean_steps"] == pytest.approx(8 / 3)
     assert s["repeated_action_rate"] == pytest.approx(3 / 8)  # 2 repeated "look" + 1 repeated "go to b"
     assert s["per_task_type"]["pick"]["success_rate"] == 0.5
+    assert s["looped_action_rate"] == pytest.approx(2 / 8)  # look, look, look: two copies of the step before
     assert s["per_task_type"]["heat"] == {"episodes": 1, "success_rate": 0.0, "mean_score": 0.0,
-                                          "mean_steps": 3.0, "repeated_action_rate": pytest.approx(1 / 3)}
+                                          "mean_steps": 3.0, "repeated_action_rate": pytest.approx(1 / 3),
+                                          "looped_action_rate": 0.0}
+
+
+@pytest.mark.parametrize("actions, looped", [
+    ([], 0), (["a"], 0), (["a", "a"], 1),
+    (["go to d", "open d", "close d", "open d", "close d"], 1),  # the second open/close pair closes a 2-cycle
+    (["a", "b", "c", "a", "b", "c", "a"], 2),  # the second c closes abc, the third a closes bca
+    (["go to x", "take p from x", "go to y", "put p in y", "go to x", "take q from x", "go to y", "put q in y"], 0),
+    (["a", "b", "a", "c", "a"], 0),  # returns, no cycle: counted by repeated_action_rate only
+])
+def test_looped_steps_counts_copies_and_repeated_sequences(actions, looped):
+    assert looped_steps(actions) == looped
 
 
 def test_games_that_fail_to_load_are_counted_and_listed_not_dropped():
@@ -234,7 +247,10 @@ def _tiny_checkpoint_and_games(tmp_path):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_agent_eval_cli_plays_real_games(tmp_path, capsys, bf16):
+def test_agent_eval_cli_plays_real_games(tmp_path, capsys, monkeypatch, bf16):
+    import fastrank.train as tr
+
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: True)  # the autocast path runs here even on an AVX2-only CPU
     ckpt = _tiny_checkpoint_and_games(tmp_path)
     from fastrank.cli import main
 
@@ -377,8 +393,9 @@ def test_scienceworld_env_takes_the_view_the_checkpoint_was_trained_on(tmp_path)
 
 
 @pytest.mark.parametrize("has_bf16", [False, True])
-def test_bf16_on_a_cpu_without_hardware_bf16_warns(monkeypatch, tmp_path, has_bf16):
-    """The recipes' accelerator warns there (emulated bf16 is ~50x slower); agent-eval --bf16 must too."""
+def test_bf16_on_a_cpu_without_hardware_bf16_warns_and_scores_in_fp32(monkeypatch, tmp_path, has_bf16):
+    """The recipes' accelerator warns there and trains in fp32 (emulated bf16 is ~50x slower); agent-eval --bf16
+    does the same, and its summary says fp32 ran."""
     import warnings
 
     import fastrank.agent_eval as ae
@@ -396,3 +413,5 @@ def test_bf16_on_a_cpu_without_hardware_bf16_warns(monkeypatch, tmp_path, has_bf
         warnings.simplefilter("always")
         assert ae.agent_eval_from_args(args) == 0
     assert any("AVX512-BF16" in str(w.message) for w in caught) is (not has_bf16)
+    summary = json.loads((tmp_path / "log.summary.json").read_text())
+    assert summary["bf16"] is has_bf16 and args.bf16 is has_bf16

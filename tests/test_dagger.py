@@ -282,3 +282,21 @@ def test_recipes_train_in_fp32_where_the_cpu_would_emulate_bf16(monkeypatch, has
     finally:
         AcceleratorState._reset_state(True)
         torch.set_num_threads(threads)
+
+
+def test_epochs_per_round_takes_one_number_or_one_per_round():
+    from fastrank.config import recipe_config
+    from fastrank.dagger import fit, round_epochs
+
+    assert round_epochs(AgentConfig(episodes=[4, 2, 2], epochs_per_round=[1, 2, 2])) == [1.0, 2.0, 2.0]
+    assert round_epochs(AgentConfig(episodes=[4, 2], epochs_per_round=2)) == [2.0, 2.0]
+    with pytest.raises(ValueError, match="2 entries for 3 rounds"):
+        round_epochs(AgentConfig(episodes=[4, 2, 2], epochs_per_round=[1, 2]))
+    with pytest.raises(ValueError, match="> 0"):
+        round_epochs(AgentConfig(episodes=[4, 2], epochs_per_round=[1, 0]))
+    # the recipe's override syntax reaches the config as a list
+    cfg = recipe_config("recipes/agent_alfworld.py", ["epochs_per_round=[1,2,2]", "episodes=[2,1,1]",
+                                                      "betas=[1,0.5,0.25]"], cls=AgentConfig)
+    assert round_epochs(cfg) == [1.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="one number"):  # the single-fit recipes (ScienceWorld, WebShop)
+        fit(None, [], AgentConfig(epochs_per_round=[1, 2]), SimpleNamespace(num_processes=1, process_index=0), seed=0)
