@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from fastrank.agent_config import AgentConfig
+from fastrank.config import ConfigError
 from fastrank.data.features import NOTES_VERSION, goal_stems, named_words
 from fastrank.data.goal_roles import goal_roles
 from fastrank.data.record import CandidateSet, read_records, write_records
@@ -202,10 +203,10 @@ def round_epochs(cfg: AgentConfig) -> list[float]:
     e = cfg.epochs_per_round
     epochs = [float(x) for x in e] if isinstance(e, (list, tuple)) else [float(e)] * len(cfg.episodes)
     if len(epochs) != len(cfg.episodes):
-        raise ValueError(f"epochs_per_round has {len(epochs)} entries for {len(cfg.episodes)} rounds (episodes); "
+        raise ConfigError(f"epochs_per_round has {len(epochs)} entries for {len(cfg.episodes)} rounds (episodes); "
                          f"give one per round or a single number")
     if any(x <= 0 for x in epochs):
-        raise ValueError(f"epochs_per_round must be > 0, got {e}")
+        raise ConfigError(f"epochs_per_round must be > 0, got {e}")
     return epochs
 
 
@@ -282,13 +283,13 @@ def run_dagger(cfg: AgentConfig) -> dict:
     from fastrank.model import Reranker
 
     if cfg.output_round not in ("best", "last"):
-        raise ValueError(f"output_round must be 'best' or 'last', not {cfg.output_round!r}")
+        raise ConfigError(f"output_round must be 'best' or 'last', not {cfg.output_round!r}")
     if cfg.search_labels not in ("expert", "inferable"):
-        raise ValueError(f"search_labels must be 'expert' or 'inferable', not {cfg.search_labels!r}")
+        raise ConfigError(f"search_labels must be 'expert' or 'inferable', not {cfg.search_labels!r}")
     if cfg.loss not in ("listwise", "pairwise"):
-        raise ValueError(f"loss must be 'listwise' or 'pairwise', not {cfg.loss!r}")
+        raise ConfigError(f"loss must be 'listwise' or 'pairwise', not {cfg.loss!r}")
     if len(cfg.episodes) != len(cfg.betas):
-        raise ValueError(f"episodes ({len(cfg.episodes)} rounds) and betas ({len(cfg.betas)}) must have one entry "
+        raise ConfigError(f"episodes ({len(cfg.episodes)} rounds) and betas ({len(cfg.betas)}) must have one entry "
                          f"per round")
     epochs = round_epochs(cfg)
     accelerator = agent_accelerator(cfg)

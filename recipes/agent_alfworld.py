@@ -2,7 +2,7 @@
 
     accelerate launch recipes/agent_alfworld.py                          # agent_alfworld.yaml: CPU-sized
     accelerate launch recipes/agent_alfworld.py episodes=[400,200,200,200] betas=[1,0.5,0.25,0] \\
-        max_train_sets=null model=deberta-v3-base layout=pairs           # bigger, on a GPU
+        epochs_per_round=2 max_train_sets=null model=deberta-v3-base layout=pairs           # bigger, on a GPU
 """
 from fastrank.agent_config import AgentConfig
 from fastrank.config import recipe_config
