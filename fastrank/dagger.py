@@ -414,11 +414,12 @@ def write_agent_report(results: dict, out: Path) -> Path:
     if fe:
         lines += [f"## Held-out games: {fe['split']} ({fe['episodes']} played)", "",
                   f"success {fe['success_rate']:.1%}, mean steps {fe['mean_steps']:.1f}, repeated actions "
-                  f"{fe['repeated_action_rate']:.1%}, {fe['decisions_per_s']:.1f} decisions/s", "",
-                  "| task type | games | success | mean steps | repeats |", "|---|---|---|---|---|"]
+                  f"{fe['repeated_action_rate']:.1%} (looped, the GCD count: {fe['looped_action_rate']:.1%}), "
+                  f"{fe['decisions_per_s']:.1f} decisions/s", "",
+                  "| task type | games | success | mean steps | repeats | looped |", "|---|---|---|---|---|---|"]
         for t, a in fe["per_task_type"].items():
             lines.append(f"| {t} | {a['episodes']} | {a['success_rate']:.1%} | {a['mean_steps']:.1f} | "
-                         f"{a['repeated_action_rate']:.1%} |")
+                         f"{a['repeated_action_rate']:.1%} | {a['looped_action_rate']:.1%} |")
         lines += failed_to_load_lines(fe)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

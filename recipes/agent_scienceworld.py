@@ -70,7 +70,8 @@ def write_report(results: dict, out: Path) -> Path:
              f"{results['max_candidates']} candidates, focus guard on, avoid_repeats "
              f"{'on' if results['config']['avoid_repeats'] else 'off'}", "",
              f"mean score **{ev['mean_score']:.1f}**, success {ev['success_rate']:.0%}, mean steps {ev['mean_steps']:.1f}, "
-             f"repeated actions {ev['repeated_action_rate']:.1%}, {ev['decisions_per_s']:.2f} decisions/s, "
+             f"repeated actions {ev['repeated_action_rate']:.1%} (looped, the GCD count: {ev['looped_action_rate']:.1%}), "
+             f"{ev['decisions_per_s']:.2f} decisions/s, "
              f"{ev['wall_seconds']:.0f} s. Episodes lost right after a `focus on`: "
              f"{sum(a['lost_to_focus'] for a in audit)} (on an object the goal does not name: "
              f"{sum(a['lost_to_unnamed_focus'] for a in audit)}).", "",

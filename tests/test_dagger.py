@@ -300,3 +300,20 @@ def test_epochs_per_round_takes_one_number_or_one_per_round():
     assert round_epochs(cfg) == [1.0, 2.0, 2.0]
     with pytest.raises(ValueError, match="one number"):  # the single-fit recipes (ScienceWorld, WebShop)
         fit(None, [], AgentConfig(epochs_per_round=[1, 2]), SimpleNamespace(num_processes=1, process_index=0), seed=0)
+
+
+def test_report_of_held_out_games_gives_both_repetition_rates(tmp_path):
+    from fastrank.agent_eval import summarize
+    from fastrank.dagger import write_agent_report
+
+    def ep(task_type, won, actions):
+        return {"task_type": task_type, "won": won, "score": float(won), "steps": len(actions),
+                "trajectory": [{"action": a} for a in actions]}
+
+    fe = summarize([ep("pick", True, ["go to a", "take x from a", "go to b", "go to a"]),
+                    ep("heat", False, ["open f", "close f", "open f", "close f"])])
+    write_agent_report({"rounds": [], "final_eval": {"split": "valid_seen", **fe, "decisions_per_s": 2.0}}, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    # 3 of 8 steps re-take an earlier action; 1 closes a repeated sequence (open / close / open / close)
+    assert "repeated actions 37.5% (looped, the GCD count: 12.5%)" in text
+    assert "| heat | 1 | 0.0% | 4.0 | 50.0% | 25.0% |" in text and "| pick | 1 | 100.0% | 4.0 | 25.0% | 0.0% |" in text
