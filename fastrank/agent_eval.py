@@ -301,7 +301,7 @@ def looped_steps(actions: list[str]) -> int:
 def summarize(episodes: list[dict]) -> dict:
     """Success, score and steps overall and per task type, and how often the agent repeated itself:
     ``repeated_action_rate``, steps whose action was already taken in the episode (any earlier step: returns
-    included, so even the handcoded ALFWorld expert scores 15.5 %), and ``looped_action_rate``, the GCD paper's
+    included, so even the handcoded ALFWorld expert scores ~16 %), and ``looped_action_rate``, the GCD paper's
     repeated-or-looped count (`looped_steps`). Games that failed to load are counted and listed, and left out of
     the rates (they were never played)."""
     failed = [e for e in episodes if e.get("error")]

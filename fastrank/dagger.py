@@ -149,7 +149,7 @@ def fit(model, sets: list[CandidateSet], cfg: AgentConfig, accelerator: Accelera
         desc: str = "train") -> dict:
     """`epochs_per_round` passes over `sets`: packed token-budget batches, AdamW, linear warm-up, clip."""
     if not isinstance(cfg.epochs_per_round, (int, float)):  # per-round lists are resolved by run_dagger
-        raise ValueError(f"this recipe fits once: epochs_per_round must be one number, got {cfg.epochs_per_round}")
+        raise ConfigError(f"this recipe fits once: epochs_per_round must be one number, got {cfg.epochs_per_round}")
     encoded = model.encode_sets(sets)
     sampler = TokenBudgetBatchSampler([e.n_tokens for e in encoded], cfg.max_tokens, shuffle=True, seed=seed,
                                       num_replicas=accelerator.num_processes, rank=accelerator.process_index)
@@ -204,7 +204,7 @@ def round_epochs(cfg: AgentConfig) -> list[float]:
     epochs = [float(x) for x in e] if isinstance(e, (list, tuple)) else [float(e)] * len(cfg.episodes)
     if len(epochs) != len(cfg.episodes):
         raise ConfigError(f"epochs_per_round has {len(epochs)} entries for {len(cfg.episodes)} rounds (episodes); "
-                         f"give one per round or a single number")
+                          f"give one per round or a single number")
     if any(x <= 0 for x in epochs):
         raise ConfigError(f"epochs_per_round must be > 0, got {e}")
     return epochs
@@ -290,7 +290,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
         raise ConfigError(f"loss must be 'listwise' or 'pairwise', not {cfg.loss!r}")
     if len(cfg.episodes) != len(cfg.betas):
         raise ConfigError(f"episodes ({len(cfg.episodes)} rounds) and betas ({len(cfg.betas)}) must have one entry "
-                         f"per round")
+                          f"per round")
     epochs = round_epochs(cfg)
     accelerator = agent_accelerator(cfg)
     out = Path(cfg.output_dir)
