@@ -191,7 +191,7 @@ def _play(args: argparse.Namespace, shard: int, workers: int, threads: int | Non
     idx = list(range(shard, len(tasks), workers))
     ranker = Reranker.from_pretrained(args.checkpoint)
     batch = args.batch_size if args.env in ("alfworld", "webshop") else min(args.batch_size, 2)
-    bf16 = (torch.autocast(ranker.device.type, dtype=torch.bfloat16) if getattr(args, "bf16", False)
+    bf16 = (torch.autocast(ranker.device.type, dtype=torch.bfloat16) if args.bf16
             else contextlib.nullcontext())
     with bf16, open(log_path, "w", encoding="utf-8") as log:  # each episode as it ends: a stopped run keeps them
         def on_episode(ep: dict) -> None:
@@ -265,7 +265,7 @@ def agent_eval_from_args(args: argparse.Namespace) -> int:
                "decisions_per_s": round(decisions / model_s, 2) if model_s else 0.0, "workers": workers,
                "checkpoint": str(args.checkpoint), "split": args.split, "avoid_repeats": args.avoid_repeats,
                "repeat_penalty": args.repeat_penalty,
-               "bf16": getattr(args, "bf16", False), "log": str(out)}
+               "bf16": args.bf16, "log": str(out)}
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     return 0
@@ -298,6 +298,12 @@ def looped_steps(actions: list[str]) -> int:
     return n
 
 
+def repetition(summary: dict) -> str:
+    """The reports' wording of `summarize`'s two repetition rates."""
+    return (f"repeated actions {summary['repeated_action_rate']:.1%} "
+            f"(looped, the GCD count: {summary['looped_action_rate']:.1%})")
+
+
 def summarize(episodes: list[dict]) -> dict:
     """Success, score and steps overall and per task type, and how often the agent repeated itself:
     ``repeated_action_rate``, steps whose action was already taken in the episode (any earlier step: returns
@@ -310,11 +316,10 @@ def summarize(episodes: list[dict]) -> dict:
     def agg(eps: list[dict]) -> dict:
         n = max(1, len(eps))
         acts = [[s["action"] for s in e["trajectory"]] for e in eps]
-        repeats = sum(len(a) - len(set(a)) for a in acts)
+        repeats, steps = sum(len(a) - len(set(a)) for a in acts), max(1, sum(map(len, acts)))
         return {"episodes": len(eps), "success_rate": sum(e["won"] for e in eps) / n,
                 "mean_score": sum(e["score"] for e in eps) / n, "mean_steps": sum(e["steps"] for e in eps) / n,
-                "repeated_action_rate": repeats / max(1, sum(len(a) for a in acts)),
-                "looped_action_rate": sum(map(looped_steps, acts)) / max(1, sum(len(a) for a in acts))}
+                "repeated_action_rate": repeats / steps, "looped_action_rate": sum(map(looped_steps, acts)) / steps}
 
     types = sorted({str(e["task_type"]) for e in played})
     out = {**agg(played), "per_task_type": {t: agg([e for e in played if str(e["task_type"]) == t]) for t in types}}

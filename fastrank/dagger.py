@@ -399,7 +399,7 @@ def run_dagger(cfg: AgentConfig) -> dict:
 
 
 def write_agent_report(results: dict, out: Path) -> Path:
-    from fastrank.agent_eval import failed_to_load_lines
+    from fastrank.agent_eval import failed_to_load_lines, repetition
 
     lines = ["# Agent recipe: BC + DAgger in ALFWorld", "", *round_table(results["rounds"]), ""]
     if "output_round" in results:
@@ -413,8 +413,7 @@ def write_agent_report(results: dict, out: Path) -> Path:
     fe = results.get("final_eval")
     if fe:
         lines += [f"## Held-out games: {fe['split']} ({fe['episodes']} played)", "",
-                  f"success {fe['success_rate']:.1%}, mean steps {fe['mean_steps']:.1f}, repeated actions "
-                  f"{fe['repeated_action_rate']:.1%} (looped, the GCD count: {fe['looped_action_rate']:.1%}), "
+                  f"success {fe['success_rate']:.1%}, mean steps {fe['mean_steps']:.1f}, {repetition(fe)}, "
                   f"{fe['decisions_per_s']:.1f} decisions/s", "",
                   "| task type | games | success | mean steps | repeats | looped |", "|---|---|---|---|---|---|"]
         for t, a in fe["per_task_type"].items():

@@ -57,6 +57,8 @@ def focus_audit(episodes: list[dict]) -> list[dict]:
 
 
 def write_report(results: dict, out: Path) -> Path:
+    from fastrank.agent_eval import failed_to_load_lines, repetition
+
     d, ev, audit = results["data"], results["eval"], results["focus_audit"]
     lines = ["# Agent recipe: behaviour cloning in ScienceWorld", "",
              f"Data: {d['sets']} sets from {d['episodes']} ETO train gold episodes ({d['replayed_episodes']} replayed "
@@ -70,8 +72,7 @@ def write_report(results: dict, out: Path) -> Path:
              f"{results['max_candidates']} candidates, focus guard on, avoid_repeats "
              f"{'on' if results['config']['avoid_repeats'] else 'off'}", "",
              f"mean score **{ev['mean_score']:.1f}**, success {ev['success_rate']:.0%}, mean steps {ev['mean_steps']:.1f}, "
-             f"repeated actions {ev['repeated_action_rate']:.1%} (looped, the GCD count: {ev['looped_action_rate']:.1%}), "
-             f"{ev['decisions_per_s']:.2f} decisions/s, "
+             f"{repetition(ev)}, {ev['decisions_per_s']:.2f} decisions/s, "
              f"{ev['wall_seconds']:.0f} s. Episodes lost right after a `focus on`: "
              f"{sum(a['lost_to_focus'] for a in audit)} (on an object the goal does not name: "
              f"{sum(a['lost_to_unnamed_focus'] for a in audit)}).", "",
@@ -83,8 +84,6 @@ def write_report(results: dict, out: Path) -> Path:
         last = e["trajectory"][-1]["action"] if e["trajectory"] else "—"
         lines.append(f"| {e['task']} | {e['score']:.0f} | {'yes' if e['won'] else 'no'} | {e['steps']} | "
                      f"{e['repeats']} | {foc} | {last} |")
-    from fastrank.agent_eval import failed_to_load_lines
-
     lines += failed_to_load_lines(ev, noun="task")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

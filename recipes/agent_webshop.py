@@ -67,6 +67,8 @@ def click_state_net_gain(model, accelerator, max_tokens: int, n: int | None = CL
 
 
 def write_report(results: dict, out: Path) -> Path:
+    from fastrank.agent_eval import repetition
+
     d, tr, ev = results["data"], results["train"], results.get("eval")
     lines = ["# Agent recipe: behaviour cloning in WebShop", "",
              f"Data: {d['sets']} sets from {d['episodes']} {results['config']['ws_teacher']}-teacher episodes over {results['goals']} leak-free "
@@ -80,8 +82,7 @@ def write_report(results: dict, out: Path) -> Path:
                   f"| **this model** | **{ev['mean_score']:.2f}** | **{ev['success_rate']:.1%}** |"]
         for name, r in results["reference"].items():
             lines.append(f"| {name.replace('_', ' ')} | {r['mean_score']:.2f} | {r['success_rate']:.1%} |")
-        lines += ["", f"Model: mean steps {ev['mean_steps']:.1f}, repeated actions {ev['repeated_action_rate']:.1%} "
-                  f"(looped, the GCD count: {ev['looped_action_rate']:.1%}), "
+        lines += ["", f"Model: mean steps {ev['mean_steps']:.1f}, {repetition(ev)}, "
                   f"{ev['decisions_per_s']:.1f} decisions/s, {ev['wall_seconds']:.0f} s. Same evaluation from the "
                   f"command line: `{results['command']}`", ""]
     ng = results.get("click_states")
