@@ -43,7 +43,7 @@ VARIANTS = {"pairs_goal_obs": ("pairs", "state_action_overlap", 128, 1),
             "prefix_history_bf16": ("shared_prefix", "history", 192, 1)}
 
 
-def _states() -> list[tuple]:
+def _states(n: int = N, min_step: int = 3, min_admissible: int = 20) -> list[tuple]:
     if not SRC.exists():
         pytest.skip(f"shared data not here: {SRC}")
     out = []
@@ -54,12 +54,12 @@ def _states() -> list[tuple]:
             mem = EpisodeMemory()
             for k, st in enumerate(ep["steps"]):
                 obs = obs0 if k == 0 else st["obs"]
-                if len(st["admissible"]) >= 20 and k >= 3:
+                if len(st["admissible"]) >= min_admissible and k >= min_step:
                     out.append((goal, obs, list(st["admissible"]), list(mem.turns)))
                 mem.add(st["expert"], ep["steps"][k + 1]["obs"] if k + 1 < len(ep["steps"]) else ep["final_obs"])
-            if len(out) >= N:
+            if len(out) >= n:
                 break
-    return out[:N]
+    return out[:n]
 
 
 @pytest.fixture(scope="module")
