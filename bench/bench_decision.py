@@ -43,7 +43,7 @@ VARIANTS = {"pairs_goal_obs": ("pairs", "state_action_overlap", 128, 1),
             "prefix_history_bf16": ("shared_prefix", "history", 192, 1)}
 
 
-def _states(n: int = N, min_step: int = 3, min_admissible: int = 20) -> list[tuple]:
+def _states() -> list[tuple]:
     if not SRC.exists():
         pytest.skip(f"shared data not here: {SRC}")
     out = []
@@ -54,12 +54,12 @@ def _states(n: int = N, min_step: int = 3, min_admissible: int = 20) -> list[tup
             mem = EpisodeMemory()
             for k, st in enumerate(ep["steps"]):
                 obs = obs0 if k == 0 else st["obs"]
-                if len(st["admissible"]) >= min_admissible and k >= min_step:
+                if len(st["admissible"]) >= 20 and k >= 3:
                     out.append((goal, obs, list(st["admissible"]), list(mem.turns)))
                 mem.add(st["expert"], ep["steps"][k + 1]["obs"] if k + 1 < len(ep["steps"]) else ep["final_obs"])
-            if len(out) >= n:
+            if len(out) >= N:
                 break
-    return out[:n]
+    return out[:N]
 
 
 @pytest.fixture(scope="module")
