@@ -49,8 +49,6 @@ class AgentConfig:
     grad_clip: float = 1.0  # max gradient norm (0: off)
     point_weight: float = 0.5  # weight of the pointwise BCE term beside the ranking loss
     max_tokens: int = 8192  # token budget of one batch (shared-prefix rows count each state once)
-    group_by_length: int = 0  # > 1: windows of this many sets sorted by length before batching (shared-prefix rows
-    #                           are padded to their batch's longest: ~19 % of the tokens -> ~1 %); 0: off
     cpu_threads: int | None = None  # torch threads on CPU; None: all cores
     # final evaluation on held-out games (not train): 0 skips it
     final_eval_split: str = "valid_seen"  # split played after training when final_eval_games != 0

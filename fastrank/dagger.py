@@ -152,8 +152,7 @@ def fit(model, sets: list[CandidateSet], cfg: AgentConfig, accelerator: Accelera
         raise ConfigError(f"this recipe fits once: epochs_per_round must be one number, got {cfg.epochs_per_round}")
     encoded = model.encode_sets(sets)
     sampler = TokenBudgetBatchSampler([e.n_tokens for e in encoded], cfg.max_tokens, shuffle=True, seed=seed,
-                                      num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-                                      group_by_length=cfg.group_by_length)
+                                      num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     total = max(1, math.ceil(len(sampler) * cfg.epochs_per_round))
     opt = build_optimizer(cfg, model)  # the trainer's AdamW groups (no decay on biases / norms)
     sched = linear_warmup(opt, max(1, math.ceil(cfg.warmup_ratio * total)), total)

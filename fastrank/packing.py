@@ -155,21 +155,12 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
       - `drop_last=True`: drop the epoch's final, partially filled greedy batch, then the trailing batches
         that do not divide evenly.
     The number of batches can differ slightly between epochs (`len()` reports the current epoch's).
-
-    `group_by_length=W` (> 1, with `shuffle`): the permutation is cut into windows of W sets, each window is
-    sorted by length before the greedy fill, and the batches are then shuffled (same seed). For layouts that
-    pad every row to the batch's longest (the shared-prefix agent: one set a row) this takes the padding from
-    ~19 % of the tokens to ~1 % (ALFWorld DAgger sets, `tests/test_packing.py`); packed varlen rows gain nothing.
     """
 
     def __init__(self, set_lengths: Sequence[int], max_tokens: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, *, num_replicas: int | None = None, rank: int | None = None,
-                 group_by_length: int = 0):
+                 drop_last: bool = False, *, num_replicas: int | None = None, rank: int | None = None):
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        if group_by_length < 0:
-            raise ValueError(f"group_by_length must be >= 0 (0: off), got {group_by_length}")
-        self.group_by_length = int(group_by_length)
         if num_replicas is None or rank is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             num_replicas = num_replicas if num_replicas is not None else (
@@ -195,11 +186,11 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         """The batch list shared by all ranks for `epoch` (default: the current one), before sharding."""
         epoch = self.epoch if epoch is None else int(epoch)
         n = len(self.set_lengths)
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        w = self.group_by_length if self.shuffle else 0
-        if w > 1:
-            order = [i for k in range(0, n, w) for i in sorted(order[k:k + w], key=self.set_lengths.__getitem__)]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
         batches: list[list[int]] = []
         cur: list[int] = []
         cur_tok = 0
@@ -215,8 +206,6 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
                 cur, cur_tok = [], 0
         if cur and not self.drop_last:
             batches.append(cur)
-        if w > 1:  # else the batches would run from short to long within each window
-            batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
         r = self.num_replicas
         if r > 1 and len(batches) % r:
             if self.drop_last:

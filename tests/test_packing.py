@@ -131,31 +131,6 @@ def test_sampler_deterministic_per_seed_and_epoch():
     assert list(TokenBudgetBatchSampler(lengths, 3000, seed=8)) != list(TokenBudgetBatchSampler(lengths, 3000, seed=7))
 
 
-def test_sampler_group_by_length_cuts_padding_and_keeps_cover():
-    """Windows sorted by length: rows padded to their batch's longest waste far less; every set still once a
-    epoch, within budget, the same on every rank, and the batch order is not short-to-long."""
-    rng = random.Random(1)
-    lengths = [rng.randint(250, 450) for _ in range(2000)]  # ALFWorld DAgger sets: 260-450 tokens
-
-    def padded(batches):
-        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
-
-    plain = TokenBudgetBatchSampler(lengths, 6144, seed=5).global_batches()
-    grouped = TokenBudgetBatchSampler(lengths, 6144, seed=5, group_by_length=512).global_batches()
-    assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in b) <= 6144 for b in grouped)
-    waste = [1 - sum(lengths) / padded(x) for x in (plain, grouped)]
-    assert waste[0] > 0.10 and waste[1] < 0.03, waste
-    widths = [max(lengths[i] for i in b) for b in grouped]
-    assert widths != sorted(widths)  # the batches are shuffled after the fill
-    shards = [TokenBudgetBatchSampler(lengths, 6144, seed=5, group_by_length=512, num_replicas=2, rank=r)
-              for r in (0, 1)]
-    assert sorted(i for s in shards for b in s for i in b) == list(range(len(lengths)))
-    assert list(TokenBudgetBatchSampler(lengths, 6144, seed=5, group_by_length=512).global_batches()) == grouped
-    with pytest.raises(ValueError, match="group_by_length"):
-        TokenBudgetBatchSampler(lengths, 6144, group_by_length=-1)
-
-
 @pytest.mark.parametrize("n_sets, replicas", [(200, 2), (200, 3), (37, 4), (3, 4)])
 def test_sampler_distributed_shards(n_sets, replicas):
     lengths = _lengths(n_sets, seed=n_sets)
