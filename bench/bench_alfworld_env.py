@@ -1,12 +1,13 @@
-"""Wall time of ALFWorld episodes: TextWorld as installed vs with fastrank's parse memo (fastrank/envs/textworld_memo.py).
+"""Wall time of ALFWorld episodes: TextWorld as installed vs with the parse memo (fastrank/envs/textworld_memo.py).
 
 Run: `pytest bench/bench_alfworld_env.py --benchmark-only` (FASTRANK_BENCH_GAMES: how many real train games,
 default 4). One round = load + reset + the handcoded expert's whole episode for each game, in one process,
 the way DAgger's round 0 and `agent-eval` play them. Both variants play the same games in the same order;
 a game's second play would hit the memo's translations, so the `memo` variant clears them before each round
 (what a run sees: every game new). extra_info: steps, seconds per game, and the transcript's digest -- it must
-be the same for both variants (the memo changes speed only).
+be the same for both variants (the memo changes speed only; `tests/test_textworld_memo.py` asserts it state by state).
 """
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -48,20 +49,13 @@ def _play_all(games: list[Path]) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("variant", ["textworld", "memo"])
-def test_expert_episodes(benchmark, variant, monkeypatch):
+def test_expert_episodes(benchmark, variant):
     games = _games()
-    if variant == "memo":
-        textworld_memo.install()
-        import fast_downward
+    textworld_memo.install()
+    import fast_downward
 
-        setup = fast_downward.pddl2sas.memo.clear  # every round's games are new to the translation memo
-    else:
-        textworld_memo.uninstall()
-        monkeypatch.setenv("FASTRANK_TEXTWORLD_MEMO", "0")
-        setup = None
-    steps, digest = benchmark.pedantic(_play_all, args=(games,), setup=setup, rounds=3, warmup_rounds=1)
+    with textworld_memo.disabled() if variant == "textworld" else contextlib.nullcontext():
+        setup = fast_downward.pddl2sas.memo.clear if variant == "memo" else None  # every round's games new to it
+        steps, digest = benchmark.pedantic(_play_all, args=(games,), setup=setup, rounds=3, warmup_rounds=1)
     benchmark.extra_info.update(games=len(games), steps=steps, transcript=digest,
                                 seconds_per_game=round(benchmark.stats.stats.median / len(games), 3))
-    if variant == "textworld":
-        monkeypatch.delenv("FASTRANK_TEXTWORLD_MEMO")
-        textworld_memo.install()

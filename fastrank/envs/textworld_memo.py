@@ -26,6 +26,7 @@ import copy
 import functools
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Callable
 
 _INSTALLED: dict[str, Callable] = {}  # "module:attribute" -> the original function
@@ -64,7 +65,7 @@ def _targets() -> list[tuple[object, str, int | None]]:
     import textworld.logic as logic
 
     return [(fast_downward, "pddl2sas", _MAX_TRANSLATIONS),
-            (textgen, "_parse_and_convert", 4096),  # a few hundred distinct templates in ALFWorld
+            (textgen, "_parse_and_convert", 4096),  # ~80 distinct templates in ALFWorld (measured)
             (logic, "_parse_and_convert", 4096)]  # Rule/Proposition parsing: conditions, queries
 
 
@@ -83,10 +84,27 @@ def install() -> bool:
 
 
 def uninstall() -> None:
-    """Put the original functions back (tests compare the two)."""
+    """Put the original functions back."""
     import importlib
 
     for key, fn in list(_INSTALLED.items()):
         module_name, name = key.split(":")
         setattr(importlib.import_module(module_name), name, fn)
         del _INSTALLED[key]
+
+
+@contextmanager
+def disabled():
+    """TextWorld as installed inside the block (the env var keeps `AlfworldEnv` from re-installing); the memo
+    is back after it, errors or not. Tests and the benchmark compare the two."""
+    saved = os.environ.get("FASTRANK_TEXTWORLD_MEMO")
+    uninstall()
+    os.environ["FASTRANK_TEXTWORLD_MEMO"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["FASTRANK_TEXTWORLD_MEMO"]
+        else:
+            os.environ["FASTRANK_TEXTWORLD_MEMO"] = saved
+        install()
